@@ -1,0 +1,502 @@
+"""Typed configuration: dataclasses for every knob, YAML files for values.
+
+A run is described by one `Config` (model, data, train, parallel, backend). YAML files may inherit with
+`base: other.yaml` (or a list; later files win, paths relative to the including file), and the command
+line overrides single values with dotted keys: `train.lr=3e-4 model.llm.num_layers=4`.
+
+Every error names the key and where its value came from (file or command line) and says how to fix it:
+unknown keys get the closest valid name, wrong types say what was expected, impossible values say why.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or impossible; the message names the key and its source."""
+
+
+# ----------------------------------------------------------------------------------------------- model
+@dataclass
+class ViTConfig:
+    """SAIL-ViT (AIMv2-style): patch conv + RMSNorm + learned absolute position embedding, pre-norm SwiGLU blocks."""
+
+    num_layers: int = 24
+    hidden_size: int = 1536
+    num_heads: int = 12
+    ffn_size: int = 4096
+    patch_size: int = 14
+    image_size: int = 448
+    rms_norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of one fixed-resolution tile (the learned position embedding's grid)."""
+        return self.image_size // self.patch_size
+
+    def check(self, err) -> None:
+        _positive(self, err, "num_layers", "hidden_size", "num_heads", "ffn_size", "patch_size", "image_size")
+        if self.hidden_size % max(self.num_heads, 1):
+            err("hidden_size", f"{self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.image_size % max(self.patch_size, 1):
+            err("image_size", f"{self.image_size} is not a multiple of patch_size={self.patch_size}")
+
+
+@dataclass
+class AdapterConfig:
+    """`mlp1`: pixel shuffle (downsample x downsample patches -> 1 token), LayerNorm, Linear, GELU, Linear."""
+
+    downsample: int = 2
+    hidden_size: int = 0  # width of the first Linear; 0 = the LLM's hidden size (true for 2B, 8B and A3B)
+    layer_norm_eps: float = 1e-5
+
+    def check(self, err) -> None:
+        if self.downsample < 1:
+            err("downsample", f"must be >= 1, got {self.downsample}")
+        if self.hidden_size < 0:
+            err("hidden_size", f"must be >= 0 (0 = the LLM hidden size), got {self.hidden_size}")
+
+
+@dataclass
+class LLMConfig:
+    """Qwen3 decoder; `num_experts > 0` makes the MLP of the selected layers a Qwen3-MoE block."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    num_layers: int = 28
+    num_heads: int = 16
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    ffn_size: int = 6144
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 40960
+    tie_embeddings: bool = True
+    # Mixture of experts (Qwen3-MoE semantics)
+    num_experts: int = 0
+    top_k: int = 8
+    moe_ffn_size: int = 768
+    norm_topk_prob: bool = True
+    aux_loss_coeff: float = 0.001
+    moe_layer_step: int = 1  # Qwen3 `decoder_sparse_step`: layer i is MoE when (i + 1) % step == 0
+    dense_layers: list[int] = field(default_factory=list)  # Qwen3 `mlp_only_layers`
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 0 and i not in self.dense_layers and (i + 1) % self.moe_layer_step == 0
+
+    def check(self, err) -> None:
+        _positive(self, err, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+        if self.num_heads % max(self.num_kv_heads, 1):
+            err("num_kv_heads", f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            err("head_dim", f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.num_experts < 0:
+            err("num_experts", f"must be >= 0 (0 = dense), got {self.num_experts}")
+        if self.num_experts > 0:
+            if not 1 <= self.top_k <= self.num_experts:
+                err("top_k", f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+            if self.moe_ffn_size <= 0:
+                err("moe_ffn_size", f"must be > 0 for an MoE model, got {self.moe_ffn_size}")
+            if self.moe_layer_step < 1:
+                err("moe_layer_step", f"must be >= 1, got {self.moe_layer_step}")
+        if any(self.is_moe_layer(i) is False for i in range(self.num_layers)) and self.ffn_size <= 0:
+            err("ffn_size", "dense layers need ffn_size > 0")
+        for i in self.dense_layers:
+            if not 0 <= i < self.num_layers:
+                err("dense_layers", f"layer {i} does not exist (num_layers={self.num_layers})")
+
+
+@dataclass
+class TokenConfig:
+    """Special token ids (Qwen3 vocabulary numbering by default; the demo tokenizer sets its own)."""
+
+    pad: int = 151643
+    im_start: int = 151644
+    im_end: int = 151645
+    think_start: int = 151667
+    think_end: int = 151668
+    img_start: int = 151669
+    img_end: int = 151670
+    img_context: int = 151671
+
+
+@dataclass
+class ModelConfig:
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tokens: TokenConfig = field(default_factory=TokenConfig)
+    vision_input: Literal["tiles", "anyres"] = "tiles"
+    max_anyres_patches: int = 16384  # 1792 x 1792 at patch 14
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return (self.vit.grid // self.adapter.downsample) ** 2
+
+    def check(self, err) -> None:
+        if self.vit.grid % self.adapter.downsample:
+            err("adapter.downsample", f"the {self.vit.grid}x{self.vit.grid} patch grid is not divisible by "
+                f"{self.adapter.downsample}")
+        if self.max_anyres_patches < self.adapter.downsample ** 2:
+            err("max_anyres_patches", f"must hold at least one merged token, got {self.max_anyres_patches}")
+        for name in ("pad", "im_start", "im_end", "img_start", "img_end", "img_context"):
+            tid = getattr(self.tokens, name)
+            if not 0 <= tid < self.llm.vocab_size:
+                err(f"tokens.{name}", f"id {tid} is outside the vocabulary (llm.vocab_size={self.llm.vocab_size})")
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class DataSource:
+    """One JSONL file of conversation records; `weight` is its share of the mix."""
+
+    path: str = ""
+    weight: float = 1.0
+    image_root: str = ""  # relative image paths resolve against this (default: the JSONL's folder)
+    name: str = ""
+
+
+@dataclass
+class DataConfig:
+    sources: list[DataSource] = field(default_factory=list)
+    demo: bool = False  # use the embedded, generated demo dataset (data/demo.py) instead of `sources`
+    demo_dir: str = ".cache/sail_dist_demo"
+    tokenizer: str = ""  # local Hugging Face tokenizer directory (tokenizer.json); empty with demo = demo tokenizer
+    system_prompt: str = ""
+    max_tiles: int = 12
+    min_tiles: int = 1
+    use_thumbnail: bool = True
+    video_frames: int = 16
+    pack_tokens: int = 8192  # token budget of one packed micro-batch
+    max_sample_tokens: int = 0  # 0 = pack_tokens; longer samples follow `long_samples`
+    long_samples: Literal["reject", "periodic"] = "periodic"
+    long_sample_every: int = 8  # with `periodic`: a waiting over-budget sample gets its own micro-batch this often
+    long_sample_max_tokens: int = 0  # hard cap for a lone long sample; 0 = 4 x pack_tokens; beyond it: rejected
+    buffer_size: int = 512  # samples held by the online packer
+    on_bad_sample: Literal["error", "skip"] = "error"
+    loss_reduction: Literal["token", "sample", "square"] = "token"
+    num_workers: int = 2
+    prefetch: int = 4
+    seed: int = 1234
+
+    def check(self, err) -> None:
+        if not self.demo and not self.sources:
+            err("sources", "no data: list JSONL sources (data.sources) or set data.demo=true")
+        for i, s in enumerate(self.sources):
+            if not s.path:
+                err(f"sources[{i}].path", "is empty")
+            if s.weight <= 0:
+                err(f"sources[{i}].weight", f"must be > 0, got {s.weight}")
+        _positive(self, err, "max_tiles", "min_tiles", "pack_tokens", "buffer_size", "video_frames",
+                  "long_sample_every")
+        if self.min_tiles > self.max_tiles:
+            err("min_tiles", f"{self.min_tiles} > max_tiles={self.max_tiles}")
+        if self.max_sample_tokens < 0:
+            err("max_sample_tokens", "must be >= 0 (0 = pack_tokens)")
+        if self.num_workers < 0:
+            err("num_workers", "must be >= 0")
+
+
+# ----------------------------------------------------------------------------------------------- train
+@dataclass
+class CheckpointingConfig:
+    """Activation checkpointing per module family, applied from outside the model."""
+
+    vit: bool = False
+    llm: bool = False
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "sft"
+    steps: int = 100
+    micro_batches: int = 1  # packed micro-batches per rank per optimizer step (gradient accumulation)
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    train_modules: list[str] = field(default_factory=lambda: ["vit", "adapter", "llm"])
+    activation_checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on accelerators, fp32 on CPU
+    seed: int = 1234
+    out_dir: str = "runs/default"
+    init_from: str = ""  # HF checkpoint directory (SAIL-VL2 or Qwen3 layout) to start from; empty = random init
+    resume: str = "auto"  # auto = latest checkpoint in out_dir if any; a path; or "none"
+    log_every: int = 1
+    save_every: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    max_consecutive_nonfinite: int = 3
+    eval_every: int = 0
+    eval_samples: int = 64
+    tensorboard: bool = True
+
+    def check(self, err) -> None:
+        _positive(self, err, "steps", "micro_batches", "log_every", "keep_last", "max_consecutive_nonfinite")
+        if self.lr <= 0:
+            err("lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            err("min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            err("adam_betas", f"must be two numbers in [0, 1), got {self.adam_betas}")
+        bad = [m for m in self.train_modules if m not in ("vit", "adapter", "llm")]
+        if bad:
+            err("train_modules", f"unknown module(s) {bad}; choose from vit, adapter, llm")
+        if not self.train_modules:
+            err("train_modules", "nothing to train")
+        if self.grad_clip < 0:
+            err("grad_clip", "must be >= 0 (0 disables)")
+
+
+# ---------------------------------------------------------------------------------------------- parallel
+@dataclass
+class PipelineSplit:
+    """Explicit per-stage layer counts (MindSpeed-MM style); empty = split the LLM by FLOPs cost."""
+
+    vit: list[int] = field(default_factory=list)
+    llm: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 0  # 0 = world_size / pp
+    pp: int = 1
+    ep: int = 1
+    vpp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B when > 1)
+    split: PipelineSplit = field(default_factory=PipelineSplit)
+
+    def check(self, err) -> None:
+        _positive(self, err, "pp", "ep", "vpp")
+        if self.dp < 0:
+            err("dp", "must be >= 0 (0 = derived from the world size)")
+
+
+# ----------------------------------------------------------------------------------------------- backend
+@dataclass
+class BackendConfig:
+    name: Literal["gpu", "npu"] = "gpu"
+    opset: str = "auto"  # auto: the backend's default (gpu -> "gpu" on CUDA else "reference"; npu -> npu/npu_emulated)
+    moe_impl: Literal["triton", "grouped_mm", "loop"] = "triton"  # GPU OpSet's expert implementation
+    zero_stage: int = 2
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    torch_adam: bool = False  # with CPU offload: torch Adam instead of DeepSpeedCPUAdam (skips its JIT build)
+    moe_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    dist_timeout_min: int = 30
+
+    def check(self, err) -> None:
+        if self.zero_stage not in (0, 1, 2):
+            err("zero_stage", f"sail_dist supports ZeRO stages 0-2 (the SAIL-VL2 recipe uses 2), got {self.zero_stage}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+
+    def check(self, err) -> None:
+        if self.parallel.ep > 1 and self.model.llm.num_experts % self.parallel.ep:
+            err("parallel.ep", f"{self.model.llm.num_experts} experts cannot be split over ep={self.parallel.ep}")
+        if self.parallel.ep > 1 and self.model.llm.num_experts == 0:
+            err("parallel.ep", "expert parallelism needs an MoE model (model.llm.num_experts > 0)")
+        if self.backend.name == "gpu" and (self.parallel.pp > 1 or self.parallel.ep > 1):
+            err("parallel.pp", "the GPU backend is data parallel only (ZeRO-2); use backend.name=npu for PP/EP")
+
+
+# ------------------------------------------------------------------------------------------ machinery
+def _positive(obj: Any, err, *names: str) -> None:
+    for n in names:
+        if getattr(obj, n) <= 0:
+            err(n, f"must be > 0, got {getattr(obj, n)}")
+
+
+class _Sources:
+    """Remembers which file (or the command line) gave each dotted key, for error messages."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, str] = {}
+
+    def record(self, data: dict, origin: str, prefix: str = "") -> None:
+        for k, v in data.items():
+            key = f"{prefix}{k}"
+            self.by_key[key] = origin
+            if isinstance(v, dict):
+                self.record(v, origin, key + ".")
+
+    def of(self, key: str) -> str:
+        key = key.split("[", 1)[0]
+        while key:
+            if key in self.by_key:
+                return self.by_key[key]
+            key = key.rsplit(".", 1)[0] if "." in key else ""
+        return "defaults"
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: str, sources: _Sources, seen: tuple[str, ...] = ()) -> dict:
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"config inheritance cycle: {' -> '.join(seen + (path,))}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    bases = data.pop("base", None) or []
+    merged: dict = {}
+    for b in [bases] if isinstance(bases, str) else bases:
+        merged = _deep_merge(merged, _read_yaml(os.path.join(os.path.dirname(path), b), sources, seen + (path,)))
+    sources.record(data, path)
+    return _deep_merge(merged, data)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"command-line override {item!r} must look like key.sub=value (e.g. train.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _coerce(value: Any, tp: Any, key: str, origin_of) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats (YAML writes 1e-5 as float, 1 as int)."""
+    origin = origin_of(key)
+    o = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def bad(expected: str):
+        raise ConfigError(f"config key '{key}' (from {origin}): expected {expected}, got {value!r} "
+                          f"({type(value).__name__})")
+
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            bad(f"a mapping of {tp.__name__} fields")
+        return _build(tp, value, key + ".", origin_of)
+    if o is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"config key '{key}' (from {origin}): {value!r} is not one of "
+                              f"{', '.join(map(repr, args))}{hint}")
+        return value
+    if o in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, origin_of)
+            except ConfigError:
+                pass
+        bad(" or ".join(getattr(a, "__name__", str(a)) for a in args))
+    if o is list:
+        if not isinstance(value, list):
+            bad("a list")
+        return [_coerce(v, args[0], f"{key}[{i}]", origin_of) for i, v in enumerate(value)] if args else value
+    if o is dict:
+        if not isinstance(value, dict):
+            bad("a mapping")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            bad("a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            bad("an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            bad("true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            bad("a string")
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str, origin_of) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = prefix + str(k)
+        if k not in names:
+            origin = origin_of(key)
+            close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{key}' (from {origin}){hint}")
+        kwargs[k] = _coerce(v, hints[k], key, origin_of)
+    return cls(**kwargs)
+
+
+def _check_all(obj: Any, prefix: str, origin_of) -> None:
+    def err(name: str, msg: str) -> None:
+        key = prefix + name
+        raise ConfigError(f"config key '{key}' (from {origin_of(key)}): {msg}")
+
+    if hasattr(obj, "check"):
+        obj.check(err)
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            _check_all(v, f"{prefix}{f.name}.", origin_of)
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (with `base:` inheritance), apply dotted overrides, type-check and validate."""
+    sources = _Sources()
+    data = _read_yaml(path, sources) if path else {}
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command-line override {item!r}: '{k}' is not a section")
+        node[keys[-1]] = value
+        sources.by_key[".".join(keys)] = "command line"
+    cfg = _build(Config, data, "", sources.of)
+    _check_all(cfg, "", sources.of)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
