@@ -1,0 +1,65 @@
+"""Shared test helpers: tiny configs and hand-built packed batches (independent of the data pipeline)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sail_dist.config import ModelConfig, load_config
+from sail_dist.data.batch import PackedBatch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+
+def model_config(name: str, *overrides: str) -> ModelConfig:
+    return load_config(os.path.join(ROOT, "configs", "model", f"{name}.yaml"), ["data.demo=true", *overrides]).model
+
+
+def make_sample(cfg: ModelConfig, n_text: int, grids: list[tuple[int, int]] = (), gen: torch.Generator | None = None):
+    """One sample: random text ids (avoiding special ids), <img> <IMG_CONTEXT>*n </img> per image, random patches."""
+    t = cfg.tokens
+    low = 16 if cfg.llm.vocab_size > 64 else max(t.__dict__.values()) + 1
+    ids = [torch.randint(low, cfg.llm.vocab_size, (n_text,), generator=gen)]
+    patches = []
+    s = cfg.adapter.downsample
+    for h, w in grids:
+        n_vis = (h // s) * (w // s)
+        ids.append(torch.tensor([t.img_start] + [t.img_context] * n_vis + [t.img_end]))
+        ids.append(torch.randint(low, cfg.llm.vocab_size, (3,), generator=gen))
+        patches.append(torch.randn(h * w, 3 * cfg.vit.patch_size ** 2, generator=gen))
+    ids = torch.cat(ids)
+    labels = torch.cat([ids[1:], torch.tensor([-100])])
+    labels[ids == t.img_context] = -100
+    return ids, labels, patches, list(grids)
+
+
+def pack(samples, sample_ids=None) -> PackedBatch:
+    ids = torch.cat([s[0] for s in samples])
+    labels = torch.cat([s[1] for s in samples])
+    lens = [len(s[0]) for s in samples]
+    patches = [p for s in samples for p in s[2]]
+    grids = [g for s in samples for g in s[3]]
+    return PackedBatch(
+        input_ids=ids, labels=labels, position_ids=torch.cat([torch.arange(n) for n in lens]),
+        cu_seqlens=F.pad(torch.cumsum(torch.tensor(lens), 0), (1, 0)).to(torch.int32), max_seqlen=max(lens),
+        loss_weight=(labels != -100).float(),
+        pixel_values=torch.cat(patches) if patches else None,
+        image_grid_hw=torch.tensor(grids, dtype=torch.long) if grids else None,
+        sample_ids=list(sample_ids if sample_ids is not None else range(len(samples))))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: the largest deviation relative to the reference's scale."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@pytest.fixture
+def shared_dir():
+    if not os.path.isdir(SHARED):
+        pytest.skip("../shared is not beside the checkout")
+    return SHARED
