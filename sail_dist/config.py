@@ -429,6 +429,11 @@ def _coerce(value: Any, tp: Any, key: str, origin_of) -> Any:
             bad("a mapping")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                bad("a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             bad("a number")
         return float(value)

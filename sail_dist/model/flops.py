@@ -121,3 +121,17 @@ def param_counts(cfg: ModelConfig) -> dict[str, float]:
     active += emb + head + l.hidden_size
     return {"vit": float(vit), "adapter": float(adapter), "llm": llm, "llm_active": active,
             "total": vit + adapter + llm}
+
+
+
+def batch_flops(cfg: ModelConfig, batch, trainable: Iterable[str] = ("vit", "adapter", "llm"),
+                causal_half: bool = True) -> Flops:
+    """FLOPs of one PackedBatch: the LLM per sample (attention by length), the vision side per image grid."""
+    trainable = set(trainable)
+    patches = (batch.image_grid_hw[:, 0] * batch.image_grid_hw[:, 1]).tolist() if batch.num_images else []
+    total = sample_flops(cfg, 0, patches, trainable, causal_half) if patches else Flops(0.0, 0.0)
+    llm_grad_input = bool(patches) and bool({"vit", "adapter"} & trainable)
+    per_token = llm_linear_per_token(cfg.llm)
+    for n in batch.seqlens():
+        total += _group(n * per_token, llm_attention(cfg.llm, n, causal_half), "llm" in trainable, llm_grad_input)
+    return total

@@ -1,0 +1,74 @@
+"""GPU backend (NVIDIA): DeepSpeed ZeRO-2 (+ optional CPU offload of the optimizer) over NCCL.
+
+With no GPU the same code runs on DeepSpeed's CPU accelerator over gloo, in fp32: that is how CI and
+the laptop demo exercise it.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import sys
+
+import torch
+
+from sail_dist.backends.base import DistEnv
+from sail_dist.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_launcher_env() -> None:
+    """A plain `python` run is a world of one: give torch.distributed what torchrun would have."""
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(_free_port())})
+
+
+class GPUBackend:
+    name = "gpu"
+
+    def __init__(self) -> None:
+        self.env: DistEnv | None = None
+
+    def setup(self, cfg: Config) -> DistEnv:
+        ensure_launcher_env()
+        cuda = torch.cuda.is_available()
+        if not cuda:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed JIT-builds ops (CPUAdam, the CPU shm comm op): keep them in a cache that survives runs.
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/sail_dist/torch_extensions"))
+        import deepspeed
+
+        # The shared-memory all-reduce op DeepSpeed builds on CPU serves inference only; skip its build.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda *a, **k: None
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
+                                   timeout=datetime.timedelta(minutes=cfg.backend.dist_timeout_min))
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if cfg.parallel.dp not in (0, world):
+            raise ValueError(f"parallel.dp={cfg.parallel.dp} but the GPU backend runs pure data parallel over all "
+                             f"{world} ranks: set parallel.dp=0 (auto) or launch {cfg.parallel.dp} processes")
+        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        name = torch.cuda.get_device_name(device) if cuda else "cpu"
+        self.env = DistEnv(rank=rank, world_size=world, local_rank=local_rank, dp_rank=rank, dp_size=world,
+                           device=device, device_name=name)
+        return self.env
+
+    def build(self, cfg: Config, env: DistEnv):
+        from sail_dist.backends.gpu.engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, env)
+
+    def teardown(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

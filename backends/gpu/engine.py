@@ -1,0 +1,176 @@
+"""The GPU backend's Engine: our model inside a DeepSpeed ZeRO-2 engine.
+
+ZeRO-2 partitions optimizer state and gradients over the data-parallel ranks; `offload_optimizer: cpu`
+keeps the partitions (and the Adam math, DeepSpeedCPUAdam) on the host. Parameters are bf16 on GPU
+with fp32 master weights in the optimizer, fp32 on CPU.
+
+Loss scaling, spelled out: DeepSpeed divides each micro-batch loss by the accumulation steps M and
+averages gradients over the DP ranks. Our micro-batch objective is already normalised over the whole
+step (train/loss.py), so we hand DeepSpeed `loss * M * dp` and its averaging restores the exact sum.
+The MoE aux-loss gradient is injected inside the model (model/moe.py) and sees only the DP average,
+hence its scale coeff / (n_moe_layers * M).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from sail_dist.backends.base import DistEnv, StepStats
+from sail_dist.config import Config
+from sail_dist.data.batch import PackedBatch
+from sail_dist.kernels import get_opset
+from sail_dist.model.build import build_model
+from sail_dist.model.flops import batch_flops
+from sail_dist.parallel.checkpointing import apply_activation_checkpointing
+from sail_dist.train.freeze import apply_freeze
+from sail_dist.train.loss import global_weight_sum, micro_batch_loss
+from sail_dist.train.lr import lr_at
+
+log = logging.getLogger(__name__)
+
+
+def resolve_opset(cfg: Config, device: torch.device):
+    name = cfg.backend.opset
+    if name == "auto":
+        name = "gpu" if device.type == "cuda" else "reference"
+    return get_opset(name, moe_impl=cfg.backend.moe_impl) if name == "gpu" else get_opset(name)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters only (frozen ones get no optimizer state); no decay on norms and biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def model_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    p = cfg.train.precision
+    if p == "bf16" or (p == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+class DeepSpeedEngine:
+    def __init__(self, cfg: Config, env: DistEnv) -> None:
+        import deepspeed
+
+        self.cfg, self.env = cfg, env
+        t = cfg.train
+        self.ops = resolve_opset(cfg, env.device)
+        self.model = build_model(cfg.model, self.ops, seed=t.seed, init_from=t.init_from)
+        self.trainable = apply_freeze(self.model, t.train_modules)
+        apply_activation_checkpointing(self.model, t.activation_checkpointing.vit, t.activation_checkpointing.llm)
+        self.dtype = model_dtype(cfg, env.device)
+        self.model.to(env.device)
+        moe = self.model.moe_layers()
+        for m in moe:
+            m.aux_grad_scale = cfg.model.llm.aux_loss_coeff / (len(moe) * t.micro_batches)
+            if env.dp_size > 1:
+                m.reduce_counts = _all_reduce_sum
+        self.ds_config = self._ds_config()
+        groups = param_groups(self.model, t.weight_decay)
+        if cfg.backend.offload_optimizer == "cpu":
+            self.ds, self.optimizer, _, _ = deepspeed.initialize(model=self.model, model_parameters=groups,
+                                                                 config=self.ds_config)
+        else:
+            fused = env.device.type == "cuda"
+            opt = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                    fused=fused, foreach=None if fused else True)
+            self.ds, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=opt,
+                                                                 config=self.ds_config)
+        log.info("GPU backend: ZeRO-%d, %s, opset=%s, offload=%s, trainable=%s", cfg.backend.zero_stage,
+                 self.dtype, self.ops.name, cfg.backend.offload_optimizer, self.trainable)
+
+    def _ds_config(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        cuda = self.env.device.type == "cuda"
+        zero = {"stage": cfg.backend.zero_stage, "contiguous_gradients": True, "overlap_comm": cuda,
+                "reduce_scatter": True, "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
+        ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": t.micro_batches,
+              "train_batch_size": t.micro_batches * self.env.dp_size, "gradient_clipping": t.grad_clip,
+              "zero_optimization": zero, "bf16": {"enabled": self.dtype == torch.bfloat16},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+        if cfg.backend.offload_optimizer == "cpu":
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+            ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.adam_betas), "eps": t.adam_eps,
+                                                           "weight_decay": t.weight_decay,
+                                                           "torch_adam": cfg.backend.torch_adam}}
+            if cfg.backend.torch_adam:
+                ds["zero_force_ds_cpu_optimizer"] = False
+        return ds
+
+    # ----------------------------------------------------------------------------------------------
+    def _set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def train_step(self, micro_batches: list[PackedBatch], step: int) -> StepStats:
+        M = self.cfg.train.micro_batches
+        if len(micro_batches) != M:
+            raise ValueError(f"got {len(micro_batches)} micro-batches for a step configured with train.micro_batches={M}")
+        t0 = time.perf_counter()
+        lr = lr_at(self.cfg.train, step)
+        self._set_lr(lr)
+        self.ds.train()
+        W = global_weight_sum(micro_batches, device=self.env.device if self.env.device.type == "cuda" else None)
+        scale = M * self.env.dp_size
+        lm_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        aux_sum, counts, flops, tokens, samples = 0.0, None, 0.0, 0, 0
+        for mb in micro_batches:
+            batch = mb.to(self.env.device)
+            out = self.ds(batch)
+            loss = micro_batch_loss(out.loss_T, batch, W)
+            self.ds.backward(loss * scale)
+            self.ds.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            lm_sum += loss.detach().double()
+            if out.aux_loss is not None:
+                aux_sum += float(out.aux_loss) / M
+                c = torch.stack([m.last_counts for m in self.model.moe_layers()]).cpu()
+                counts = c if counts is None else counts + c
+            flops += batch_flops(self.cfg.model, mb, self.cfg.train.train_modules).train
+            tokens += mb.num_tokens
+            samples += mb.num_samples
+        if dist.is_initialized():
+            dist.all_reduce(lm_sum)
+        grad_norm = self.ds.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        loss_val = float(lm_sum)
+        # DeepSpeed skips the update itself when the gradient norm is inf/NaN (ZeRO overflow check).
+        skipped = not (math.isfinite(loss_val) and math.isfinite(grad_norm))
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize()
+        return StepStats(loss=loss_val, aux_loss=aux_sum, grad_norm=grad_norm, lr=lr, tokens=tokens,
+                         samples=samples, skipped=skipped, flops=flops, expert_counts=counts,
+                         time_s=time.perf_counter() - t0)
+
+    # ----------------------------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Collective: every rank writes its ZeRO partition under `path`."""
+        self.ds.save_checkpoint(path, tag="deepspeed", save_latest=False)
+
+    def load(self, path: str) -> None:
+        tag_dir = os.path.join(path, "deepspeed")
+        if not os.path.isdir(tag_dir):
+            raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (missing {tag_dir}); was it written by the "
+                                    "gpu backend?")
+        load_path, _ = self.ds.load_checkpoint(path, tag="deepspeed", load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """ZeRO-2 keeps full parameters on every rank: the module's own state dict is complete."""
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t)
+    return t

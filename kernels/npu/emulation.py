@@ -1,0 +1,935 @@
+"""Pure-PyTorch emulation of the torch_npu fused ops the NPU backend calls.
+
+Every function here has the name, signature (argument names, keyword-only markers, defaults), output
+dtypes, shapes and index conventions of its torch_npu counterpart, so `kernels/npu/ops.py` runs the very
+same code on `torch_npu` (an Ascend machine) or on this module (CPU / CUDA, CI). The spec is
+`shared/reference/npu.md` section 1 (op-plugin CPU goldens, meta registrations, docstrings); section
+numbers below refer to it. torch_npu is never imported here.
+
+Emulation fidelity
+------------------
+Exact (same values, up to floating-point summation order):
+  * every index convention and integer output: token permute/unpermute (`sorted_indices` is the
+    *inverse* of Megatron's, token-major `t*K + j`), gating `row_idx[i, j] = j*N + i` (slot-major),
+    init_routing V1 (slot-major, indexed by the row_idx value) vs V2 (token-major), finalize_routing
+    drop_pad_mode 0/1 (slot-major) vs 2/3 (token-major), compute_expert_tokens (cumulative counts),
+    grouped-matmul `group_list` (type 0 cumulative ends, type 1 counts), fusion-attention
+    `actual_seq_qlen/kvlen` (cumulative ends, no leading 0); stable sorts, top-k ties to the lower id;
+    int32 index outputs, int64 init_routing_v2 token counts.
+  * fp32 math (and fp64, below): results equal the op-plugin goldens / the reference OpSet up to
+    summation order (~1e-7 relative in fp32).
+Approximate:
+  * bf16/fp16 rounding order. The emulation computes in fp32 and rounds once at the end. That is the
+    golden for rms_norm (fp32 `x * rstd * gamma`, then cast), gating softmax, grouped matmul (fp32
+    accumulation) and is assumed for swiglu/rotary_mul/unpermute. npu_fusion_attention is a tiled
+    FlashAttention kernel: it rounds the probabilities to bf16/fp16 before the P @ V matmul and
+    rescales partial sums online; the emulation does an exact two-pass fp32 softmax, so bf16 outputs
+    differ at the ~1e-2 relative level (the op-plugin test tolerance is 5e-3).
+  * fusion-attention backward is autograd over the forward math, not `npu_fusion_attention_grad`:
+    mathematically exact gradients, different rounding.
+  * softmax_max / softmax_sum: per query row, the max of the scaled (pse-added, masked) scores and
+    `sum(exp(s - max))`, fp32, repeated over the trailing 8 (the TND golden); `[T, N, 8]` for TND and
+    `[B, N, S, 8]` otherwise. They are informational here (only the NPU's own backward consumes them).
+    Fully-masked rows are invalid input on NPU ("no all-masked rows"); the emulation returns output 0,
+    max -inf, sum 0 for them. `seed`, `offset`, `numels` are 0 (no dropout).
+  * Rows the NPU leaves undefined are zero here: grouped-matmul rows past the last group end,
+    init_routing_v2 rows past the valid count, expanded_scale when no scale is given.
+Not emulated (raise NotImplementedError rather than compute something else): dropout
+(`keep_prob < 1`, the NPU RNG cannot be reproduced), sparse_mode 4..8, `prefix`, `sink`,
+`padding_mask`, an explicit full mask with TND, quantised routing / grouped matmul, `padded_mode`,
+rotary `rotate`.
+Extensions: fp64 inputs are accepted (torch_npu has no fp64 kernels) so tests can check gradients in
+double precision; everything else that torch_npu rejects or documents as invalid raises here too
+(unsorted compute_expert_tokens input, non-int64 group_list tensors, non-cumulative or tensor
+`actual_seq_*`, more than 1024 varlen sequences, a compressed causal mask that is not the 2048x2048
+`triu(ones, 1)`), so CI catches what would fail on Ascend.
+
+Autograd follows op-plugin's derivatives.yaml (section 1.0): fusion_attention (q, k, v, pse),
+rms_norm (x, gamma; rstd is not differentiable), rotary_mul (x, r1, r2), swiglu, token_permute
+(tokens) and token_unpermute (permuted_tokens, probs) are differentiable; grouped_matmul, gating,
+init_routing (V1/V2), finalize_routing and compute_expert_tokens have no derivative on NPU. On NPU,
+autograd's fallback for such ops warns at backward time and produces no gradient; here they run under
+`torch.no_grad()` (outputs detached) and emit `NpuNoAutogradWarning` when called on tensors that
+require grad with grad mode on. Code that needs their gradients must wrap them in its own
+`autograd.Function` (as ops.py does for grouped matmul, section 1.4), and fails here as on NPU
+otherwise.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "NpuNoAutogradWarning",
+    "npu_fusion_attention",
+    "npu_grouped_matmul",
+    "npu_moe_compute_expert_tokens",
+    "npu_moe_finalize_routing",
+    "npu_moe_gating_top_k_softmax",
+    "npu_moe_init_routing",
+    "npu_moe_init_routing_v2",
+    "npu_moe_token_permute",
+    "npu_moe_token_unpermute",
+    "npu_rms_norm",
+    "npu_rotary_mul",
+    "npu_swiglu",
+]
+
+_INT32_MAX = 2**31 - 1
+_COMPRESSED_MASK_SIZE = 2048  # sparse_mode 2/3/4 take this optimised triu mask, whatever the lengths
+_MAX_VARLEN_SEQUENCES = 1024  # torch_npu docstring: "max 1K in varlen"
+_MAX_TOKEN_PERMUTE_TOPK = 512
+_MAX_GMM_GROUPS_SINGLE_WEIGHT = 1024  # one 3-D weight tensor
+_MAX_GMM_GROUPS_WEIGHT_LIST = 128  # a list of 2-D weights
+_MAX_GMM_INNER_DIM = 65536
+
+
+class NpuNoAutogradWarning(UserWarning):
+    """An op without autograd on NPU was called on tensors that require grad."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """fp32 for half types (what the NPU kernels accumulate in); fp64 stays fp64 (emulation extension)."""
+    out = torch.float32
+    for dtype in dtypes:
+        if dtype.is_floating_point:
+            out = torch.promote_types(out, dtype)
+    return out
+
+
+def _tensors_in(values: Any):
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from _tensors_in(value)
+
+
+def _no_autograd(fn: Callable) -> Callable:
+    """Mark an op that has no derivative on NPU: run it under no_grad and warn if grads were expected.
+
+    On NPU such an op gets autograd's fallback node, which warns at backward and returns no gradient;
+    detaching here makes code that relies on those gradients fail in CI as it would on Ascend.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in _tensors_in((*args, *kwargs.values()))):
+            warnings.warn(
+                f"{fn.__name__} has no autograd on NPU (no derivative in op-plugin's derivatives.yaml): "
+                "its outputs are detached here, and on an NPU backward through it warns and yields no "
+                "gradient. Wrap it in your own torch.autograd.Function.",
+                NpuNoAutogradWarning,
+                stacklevel=2,
+            )
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _check_index_dtype(name: str, tensor: torch.Tensor, allowed=(torch.int32,)) -> None:
+    if tensor.dtype not in allowed:
+        names = " or ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} must be {names}, got {tensor.dtype}")
+
+
+def _gather_rows(rows_RH: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`rows_RH[index]` (differentiable), where an index that is -1 (dropped) or past the end of a
+    truncated tensor yields a zero row. Shape `[*index.shape, H]`."""
+    hidden = rows_RH.shape[-1]
+    if rows_RH.shape[0] == 0 and index.numel() > 0:  # nothing to gather from (every copy was dropped)
+        return rows_RH.new_zeros(*index.shape, hidden)
+    valid = (index >= 0) & (index < rows_RH.shape[0])
+    gathered = rows_RH.index_select(0, torch.where(valid, index, 0).reshape(-1)).view(*index.shape, hidden)
+    return torch.where(valid.unsqueeze(-1), gathered, gathered.new_zeros(()))
+
+
+def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device, dtype=order.dtype)
+    return inverse
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1.6 token permute / unpermute (differentiable)
+# ---------------------------------------------------------------------------------------------------
+
+
+def npu_moe_token_permute(tokens: torch.Tensor, indices: torch.Tensor, num_out_tokens: Optional[int] = None,
+                          padded_mode: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replicate each token once per routed expert and group the copies by expert.
+
+    tokens `[N, H]`; indices `[N, K]` (or `[N]`, K = 1) int32/int64 expert ids. Returns
+    `permuted_tokens [R, H]` (expert-major, ascending token inside an expert; R = N*K unless
+    num_out_tokens truncates) and `sorted_indices [N*K]` int32, where `sorted_indices[t*K + j]` is the
+    row of permuted_tokens holding (token t, slot j). Note: that is the INVERSE of Megatron's
+    `sorted_indices`; feed it only to `npu_moe_token_unpermute`. Differentiable w.r.t. tokens.
+    """
+    if padded_mode:
+        raise NotImplementedError("npu_moe_token_permute: padded_mode must be False")
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be [N, H], got shape {tuple(tokens.shape)}")
+    _check_index_dtype("indices", indices, (torch.int32, torch.int64))
+    if indices.dim() not in (1, 2) or indices.shape[0] != tokens.shape[0]:
+        raise ValueError(f"indices must be [N, K] or [N] with N = {tokens.shape[0]}, got {tuple(indices.shape)}")
+    topk = 1 if indices.dim() == 1 else indices.shape[1]
+    if topk > _MAX_TOKEN_PERMUTE_TOPK:
+        raise ValueError(f"top-k {topk} exceeds torch_npu's limit of {_MAX_TOKEN_PERMUTE_TOPK}")
+
+    flat_expert = indices.reshape(-1)
+    num_copies = flat_expert.numel()
+    # Megatron's sorted_indices: destination row -> source flat index (token-major t*K + j). The sort
+    # is stable, so the copies routed to one expert stay in ascending token order.
+    dst_to_src = torch.argsort(flat_expert, stable=True)
+    if not num_out_tokens:  # None or 0: keep every copy
+        num_rows = num_copies
+    elif num_out_tokens > 0:
+        num_rows = min(num_out_tokens, num_copies)
+    else:
+        num_rows = max(num_copies + num_out_tokens, 0)
+    permuted_tokens = tokens.index_select(0, dst_to_src[:num_rows] // topk)
+    # torch_npu returns the inverse map (source flat index -> destination row), always full length.
+    sorted_indices = _inverse_permutation(dst_to_src).to(torch.int32)
+    return permuted_tokens, sorted_indices
+
+
+def npu_moe_token_unpermute(permuted_tokens: torch.Tensor, sorted_indices: torch.Tensor,
+                            probs: Optional[torch.Tensor] = None, padded_mode: bool = False,
+                            restore_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Gather each token's K expert outputs back and combine them with the routing weights.
+
+    `out[t] = sum_j probs[t, j] * permuted_tokens[sorted_indices[t*K + j]]`, `[N, H]` in the dtype of
+    permuted_tokens, K = probs.shape[1] (1 when probs is None). Copies cut off by `num_out_tokens` in
+    the permute (destination row >= permuted_tokens rows) contribute zero. Differentiable w.r.t.
+    permuted_tokens and probs.
+    """
+    if padded_mode:
+        raise NotImplementedError("npu_moe_token_unpermute: padded_mode must be False")
+    if permuted_tokens.dim() != 2:
+        raise ValueError(f"permuted_tokens must be [R, H], got shape {tuple(permuted_tokens.shape)}")
+    _check_index_dtype("sorted_indices", sorted_indices, (torch.int32, torch.int64))
+    topk = 1 if probs is None else probs.shape[1]
+    if sorted_indices.dim() != 1 or sorted_indices.numel() % topk:
+        raise ValueError(f"sorted_indices must be [N*K] with K = {topk}, got shape {tuple(sorted_indices.shape)}")
+    num_tokens = sorted_indices.numel() // topk
+    if probs is not None and probs.shape != (num_tokens, topk):
+        raise ValueError(f"probs must be [N, K] = [{num_tokens}, {topk}], got {tuple(probs.shape)}")
+
+    compute_dtype = _compute_dtype(permuted_tokens.dtype, *(() if probs is None else (probs.dtype,)))
+    copies_NKH = _gather_rows(permuted_tokens, sorted_indices.long().view(num_tokens, topk)).to(compute_dtype)
+    if probs is not None:
+        copies_NKH = copies_NKH * probs.to(compute_dtype).unsqueeze(-1)
+    out_NH = copies_NKH.sum(dim=1).to(permuted_tokens.dtype)
+    return out_NH.reshape(restore_shape) if restore_shape is not None else out_NH
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1.1 gating, 1.2/1.3 init_routing, 1.5 finalize_routing, 1.7 compute_expert_tokens (no autograd)
+# ---------------------------------------------------------------------------------------------------
+
+
+@_no_autograd
+def npu_moe_gating_top_k_softmax(x: torch.Tensor, finished: Optional[torch.Tensor] = None,
+                                 k: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 softmax over experts, then top-k. Returns `(y, expert_idx, row_idx)`, each `[..., k]`.
+
+    y: the top-k probabilities in descending order, dtype of x. expert_idx: int32; ties go to the
+    lower expert id (the golden is a stable argsort of -softmax); rows with `finished=True` get id E
+    in every slot. row_idx: int32, `row_idx[i, j] = j*N + i` (slot-major), the source-row id that
+    `npu_moe_init_routing` (V1) consumes. A 3-D x `[B, S, E]` is numbered over its N = B*S rows.
+    """
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be [N, E] or [B, S, E], got shape {tuple(x.shape)}")
+    num_experts = x.shape[-1]
+    if not 0 < k <= min(num_experts, 1024):
+        raise ValueError(f"k must be in (0, min(E={num_experts}, 1024)], got {k}")
+    logits_NE = x.reshape(-1, num_experts)
+    num_rows = logits_NE.shape[0]
+    probs_NE = torch.softmax(logits_NE.to(_compute_dtype(x.dtype)), dim=-1)
+    # Golden: argsort(-softmax, stable) -> descending values, equal values keep ascending expert id.
+    expert_idx_NK = torch.argsort(-probs_NE, dim=-1, stable=True)[:, :k]
+    y_NK = probs_NE.gather(-1, expert_idx_NK).to(x.dtype)
+    if finished is not None:
+        if finished.dtype != torch.bool or finished.shape != x.shape[:-1]:
+            raise ValueError(f"finished must be bool of shape {tuple(x.shape[:-1])}, "
+                             f"got {finished.dtype} {tuple(finished.shape)}")
+        expert_idx_NK = torch.where(finished.reshape(-1, 1), num_experts, expert_idx_NK)
+    row_idx_NK = torch.arange(num_rows * k, device=x.device, dtype=torch.int32).view(k, num_rows).t()
+    out_shape = (*x.shape[:-1], k)
+    return (y_NK.reshape(out_shape), expert_idx_NK.to(torch.int32).reshape(out_shape),
+            row_idx_NK.reshape(out_shape))
+
+
+@_no_autograd
+def npu_moe_init_routing(x: torch.Tensor, row_idx: torch.Tensor, expert_idx: torch.Tensor,
+                         active_num: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """V1 routing: sort the N*K (token, slot) copies by expert.
+
+    x `[N, H]`; row_idx, expert_idx `[N, K]` int32 (row_idx as produced by the gating op). Returns
+    `expanded_x [min(N, active_num)*K, H]` (rows expert-major, ascending token inside an expert),
+    `expanded_row_idx [N*K]` int32 indexed by the row_idx VALUE (with the gating row_idx: entry
+    `j*N + i` is the destination row of token i, slot j: slot-major), and the sorted
+    `expanded_expert_idx [N*K]` int32.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, H], got shape {tuple(x.shape)}")
+    _check_index_dtype("row_idx", row_idx)
+    _check_index_dtype("expert_idx", expert_idx)
+    if expert_idx.dim() != 2 or row_idx.shape != expert_idx.shape or expert_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"row_idx and expert_idx must both be [N, K] with N = {x.shape[0]}, "
+                         f"got {tuple(row_idx.shape)} and {tuple(expert_idx.shape)}")
+    num_rows, topk = expert_idx.shape
+    num_copies = num_rows * topk
+    flat_row = row_idx.reshape(-1).long()
+    if not torch.equal(torch.sort(flat_row).values, torch.arange(num_copies, device=x.device)):
+        raise ValueError("row_idx must be a permutation of 0..N*K-1 (e.g. the gating op's row_idx)")
+
+    order = torch.argsort(expert_idx.reshape(-1), stable=True)  # token-major flat -> stable by expert
+    expanded_expert_idx = expert_idx.reshape(-1)[order].to(torch.int32)
+    dst_to_src = flat_row[order]  # destination row -> source row id (a row_idx value)
+    expanded_row_idx = _inverse_permutation(dst_to_src).to(torch.int32)
+    num_kept = max(min(num_rows, active_num), 0) * topk
+    # The source row id is slot-major (j*N + i), so its token is id % N.
+    expanded_x = x.index_select(0, dst_to_src[:num_kept] % num_rows)
+    return expanded_x, expanded_row_idx, expanded_expert_idx
+
+
+@_no_autograd
+def npu_moe_init_routing_v2(x: torch.Tensor, expert_idx: torch.Tensor, *, scale: Optional[torch.Tensor] = None,
+                            offset: Optional[torch.Tensor] = None, active_num: int = -1,
+                            expert_capacity: int = -1, expert_num: int = -1, drop_pad_mode: int = 0,
+                            expert_tokens_num_type: int = 0, expert_tokens_num_flag: bool = False,
+                            quant_mode: int = -1, active_expert_range: Sequence[int] = [],  # noqa: B006 (torch_npu's default; never mutated)
+                            row_idx_type: int = 0, x_dtype: Optional[torch.dtype] = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """V2 routing (no row_idx input; flat index is token-major `i*K + j`, rows come from `x[flat // K]`).
+
+    Returns `(expanded_x, expanded_row_idx, expert_token_cumsum_or_count, expanded_scale)`:
+      * expanded_x: dropless (drop_pad_mode 0) `[N*K if active_num <= 0 else min(active_num, N*K), H]`,
+        valid rows first (zeros after); drop/pad (1) `[expert_num, expert_capacity, H]`, each expert keeps
+        its first `expert_capacity` copies in stable order, padding rows are 0.
+      * expanded_row_idx int32 `[N*K]`: row_idx_type 0 = source flat index -> destination row (-1 for
+        copies routed outside active_expert_range or dropped; `e*C + pos` in drop/pad mode);
+        row_idx_type 1 = destination row -> source flat index (the sort order).
+      * token counts int64 (only when expert_tokens_num_flag): type 0 cumsum `[e - s]`, 1 counts `[e - s]`,
+        2 `(expert_id, count)` pairs of non-empty experts then a `(0, 0)` terminator, `[expert_num, 2]`.
+        In drop/pad mode they are the per-expert counts before the capacity cut (golden; unverified).
+      * expanded_scale float32: `scale[token]` per expanded row if scale is given, else zeros.
+    """
+    if quant_mode != -1 or offset is not None or x_dtype is not None:
+        raise NotImplementedError("quantised init_routing_v2 (quant_mode != -1, offset, x_dtype) is not emulated")
+    if x.dim() != 2 or expert_idx.dim() != 2 or expert_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"x must be [N, H] and expert_idx [N, K], got {tuple(x.shape)} and {tuple(expert_idx.shape)}")
+    _check_index_dtype("expert_idx", expert_idx)
+    if drop_pad_mode not in (0, 1) or expert_tokens_num_type not in (0, 1, 2) or row_idx_type not in (0, 1):
+        raise ValueError("drop_pad_mode must be 0/1, expert_tokens_num_type 0/1/2 and row_idx_type 0/1")
+    num_rows, topk = expert_idx.shape
+    num_copies, hidden = num_rows * topk, x.shape[1]
+    device = x.device
+
+    if active_expert_range:
+        if len(active_expert_range) != 2 or not 0 <= active_expert_range[0] < active_expert_range[1] <= 10240:
+            raise ValueError(f"active_expert_range must be [start, end) within [0, 10240], got {active_expert_range}")
+        start, end = int(active_expert_range[0]), int(active_expert_range[1])
+    else:
+        start, end = 0, (expert_num if expert_num > 0 else None)
+    if end is None and (expert_tokens_num_flag or drop_pad_mode == 1):
+        raise ValueError("expert_num (or active_expert_range) is required for token counts and drop/pad mode")
+
+    flat_expert = expert_idx.reshape(-1).long()
+    valid = flat_expert >= start if end is None else (flat_expert >= start) & (flat_expert < end)
+    num_valid = int(valid.sum())
+    # Golden: ids below the range are pushed to the very end (key INT32_MAX); ids at or above `end`
+    # already sort after every valid id by value.
+    order = torch.argsort(torch.where(flat_expert < start, _INT32_MAX, flat_expert), stable=True)
+
+    if drop_pad_mode == 0:
+        if row_idx_type == 0:
+            expanded_row_idx = torch.full((num_copies,), -1, dtype=torch.long, device=device)
+            expanded_row_idx[order[:num_valid]] = torch.arange(num_valid, device=device)
+        else:
+            expanded_row_idx = order
+        num_out = num_copies if active_num <= 0 else min(active_num, num_copies)
+        num_filled = min(num_out, num_valid)
+        row_src_flat = torch.full((num_out,), -1, dtype=torch.long, device=device)
+        row_src_flat[:num_filled] = order[:num_filled]
+        expanded_x = _gather_rows(x, torch.where(row_src_flat >= 0, row_src_flat // topk, -1))
+    else:
+        if row_idx_type != 0:
+            raise ValueError("drop/pad mode supports row_idx_type=0 only")
+        if expert_num <= 0 or expert_capacity <= 0:
+            raise ValueError("drop/pad mode needs expert_num > 0 and expert_capacity > 0")
+        if (start, end) != (0, expert_num):
+            raise NotImplementedError("drop/pad mode with a partial active_expert_range is not emulated")
+        capacity = expert_capacity
+        sorted_expert = flat_expert[order]
+        counts_E = torch.bincount(flat_expert[valid], minlength=expert_num)
+        expert_start_E = torch.cumsum(counts_E, 0) - counts_E
+        # Position of each sorted copy inside its expert (valid copies are the first num_valid sorted).
+        pos = torch.arange(num_copies, device=device) - expert_start_E[sorted_expert.clamp(0, expert_num - 1)]
+        keep = (torch.arange(num_copies, device=device) < num_valid) & (pos < capacity)
+        dst = sorted_expert * capacity + pos
+        expanded_row_idx = torch.full((num_copies,), -1, dtype=torch.long, device=device)
+        expanded_row_idx[order[keep]] = dst[keep]
+        row_src_flat = torch.full((expert_num * capacity,), -1, dtype=torch.long, device=device)
+        row_src_flat[dst[keep]] = order[keep]
+        expanded_x = _gather_rows(x, torch.where(row_src_flat >= 0, row_src_flat // topk, -1))
+        expanded_x = expanded_x.view(expert_num, capacity, hidden)
+
+    if expert_tokens_num_flag:
+        counts = torch.bincount(flat_expert[valid] - start, minlength=end - start)
+        if drop_pad_mode == 1 or expert_tokens_num_type == 1:
+            tokens = counts
+        elif expert_tokens_num_type == 0:
+            tokens = torch.cumsum(counts, 0)
+        else:
+            num_pairs = expert_num if expert_num > 0 else end - start
+            nonempty = torch.nonzero(counts).squeeze(1)
+            tokens = torch.zeros(num_pairs, 2, dtype=torch.long, device=device)
+            tokens[: nonempty.numel(), 0] = nonempty + start
+            tokens[: nonempty.numel(), 1] = counts[nonempty]  # the rest, from the terminator on, is (0, 0)
+        tokens = tokens.to(torch.int64)
+    else:
+        tokens = torch.zeros((), dtype=torch.int64, device=device)  # meta: an empty shape
+
+    row_token = torch.where(row_src_flat >= 0, row_src_flat // topk, -1)
+    if scale is not None:
+        expanded_scale = torch.where(row_token >= 0, scale.float()[row_token.clamp(min=0)], 0.0)
+    else:
+        expanded_scale = torch.zeros(row_token.shape, dtype=torch.float32, device=device)
+    return expanded_x, expanded_row_idx.to(torch.int32), tokens, expanded_scale
+
+
+@_no_autograd
+def npu_moe_finalize_routing(expanded_permuted_rows: torch.Tensor, skip1: Optional[torch.Tensor],
+                             skip2: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                             scales: Optional[torch.Tensor], expanded_src_to_dst_row: torch.Tensor,
+                             export_for_source_row: Optional[torch.Tensor], drop_pad_mode: int = 0,
+                             k: int = 1) -> torch.Tensor:
+    """Combine expert outputs back per token.
+
+    `out[i] = skip1[i] + skip2[i] + sum_j scales[i, j] * (rows[idx(i, j)] + bias[expert_ids[i, j]])`,
+    `[N, H]` in the dtype of the rows (`[R, H]`, or `[E, C, H]` in drop/pad modes). The index layout of
+    `expanded_src_to_dst_row` depends on drop_pad_mode: 0 (dropless) and 1 (drop/pad) are slot-major,
+    `idx = src_to_dst[j*N + i]` (matches V1 init_routing); 2 (dropless) and 3 (drop/pad) are
+    token-major, `idx = src_to_dst[i*K + j]` (matches init_routing_v2). `idx = -1` (dropped) gives a zero
+    row (the bias is still added, as in the golden). K = scales.shape[1], or `k` when scales is None.
+    """
+    if drop_pad_mode not in (0, 1, 2, 3):
+        raise ValueError(f"drop_pad_mode must be 0..3, got {drop_pad_mode}")
+    if skip2 is not None and skip1 is None:
+        raise ValueError("skip2 requires skip1")
+    if bias is not None and export_for_source_row is None:
+        raise ValueError("bias requires export_for_source_row (the expert id of each copy)")
+    _check_index_dtype("expanded_src_to_dst_row", expanded_src_to_dst_row)
+    topk = scales.shape[1] if scales is not None else k
+    num_copies = expanded_src_to_dst_row.numel()
+    if topk <= 0 or num_copies % topk:
+        raise ValueError(f"expanded_src_to_dst_row has {num_copies} entries, not a multiple of K={topk}")
+    num_rows = num_copies // topk
+    hidden = expanded_permuted_rows.shape[-1]
+    rows_RH = expanded_permuted_rows.reshape(-1, hidden)
+
+    src_to_dst = expanded_src_to_dst_row.long()
+    if drop_pad_mode in (0, 1):
+        dst_NK = src_to_dst.view(topk, num_rows).t()  # slot-major: entry j*N + i
+    else:
+        dst_NK = src_to_dst.view(num_rows, topk)  # token-major: entry i*K + j
+    compute_dtype = _compute_dtype(expanded_permuted_rows.dtype)
+    copies_NKH = _gather_rows(rows_RH, dst_NK).to(compute_dtype)
+    if bias is not None:
+        copies_NKH = copies_NKH + bias.to(compute_dtype)[export_for_source_row.reshape(num_rows, topk).long()]
+    if scales is not None:
+        copies_NKH = copies_NKH * scales.to(compute_dtype).unsqueeze(-1)
+    out_NH = copies_NKH.sum(dim=1)
+    for skip in (skip1, skip2):
+        if skip is not None:
+            out_NH = out_NH + skip.to(compute_dtype)
+    return out_NH.to(expanded_permuted_rows.dtype)
+
+
+@_no_autograd
+def npu_moe_compute_expert_tokens(sorted_expert_for_source_row: torch.Tensor, num_expert: int) -> torch.Tensor:
+    """Cumulative counts of sorted expert ids: `out[e] = #rows with id <= e`, `[num_expert]` int32.
+
+    The kernel binary-searches the last row of each expert, so the input must be sorted (checked here).
+    `out.to(torch.int64)` is directly a `group_list` for grouped matmul with group_list_type 0.
+    """
+    ids = sorted_expert_for_source_row
+    _check_index_dtype("sorted_expert_for_source_row", ids)
+    if ids.dim() != 1:
+        raise ValueError(f"sorted_expert_for_source_row must be 1-D, got shape {tuple(ids.shape)}")
+    if not 0 < num_expert <= 2048:
+        raise ValueError(f"num_expert must be in (0, 2048], got {num_expert}")
+    if ids.numel() > 1 and bool((ids[1:] < ids[:-1]).any()):
+        raise ValueError("sorted_expert_for_source_row must be sorted (non-decreasing)")
+    bounds = torch.arange(num_expert, device=ids.device, dtype=ids.dtype)
+    return torch.searchsorted(ids.contiguous(), bounds, right=True).to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1.4 grouped matmul (no autograd)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _group_ends(group_list: Any, group_list_type: int, num_rows: int) -> list[int]:
+    """group_list (int64 tensor or host ints) -> cumulative end offsets as host ints."""
+    if group_list is None:
+        raise ValueError("group_list is required for group_type 0 and 2")
+    if isinstance(group_list, torch.Tensor):
+        if group_list.dtype != torch.int64:
+            raise TypeError(f"group_list must be an int64 tensor, got {group_list.dtype}")
+        values = group_list.reshape(-1).tolist()
+    else:
+        values = [int(v) for v in group_list]
+    if any(v < 0 for v in values):
+        raise ValueError(f"group_list values must be non-negative, got {values}")
+    if group_list_type == 0:  # cumulative end offsets
+        if any(b < a for a, b in zip(values, values[1:])):
+            raise ValueError(f"group_list_type=0 expects non-decreasing cumulative offsets, got {values}")
+        ends = values
+    elif group_list_type == 1:  # per-group sizes
+        ends, total = [], 0
+        for v in values:
+            total += v
+            ends.append(total)
+    else:
+        raise NotImplementedError(f"group_list_type={group_list_type} is not emulated (0 = cumsum, 1 = counts)")
+    if ends and ends[-1] > num_rows:
+        raise ValueError(f"group_list covers {ends[-1]} rows but the grouped axis has {num_rows}")
+    return ends
+
+
+@_no_autograd
+def npu_grouped_matmul(x: Sequence[torch.Tensor], weight: Sequence[torch.Tensor], *,
+                       bias: Optional[Sequence[torch.Tensor]] = None, scale=None, offset=None,
+                       antiquant_scale=None, antiquant_offset=None, per_token_scale=None,
+                       group_list: Optional[torch.Tensor | Sequence[int]] = None, activation_input=None,
+                       activation_quant_scale=None, activation_quant_offset=None, split_item: int = 0,
+                       group_type: Optional[int] = None, group_list_type: int = 0, act_type: int = 0,
+                       output_dtype: Optional[torch.dtype] = None, tuning_config=None) -> list[torch.Tensor]:
+    """Grouped matmul (no autograd on NPU). The training forms (npu.md 1.4):
+
+      * group_type 0, rows grouped: `gmm([x[M,K]], [W[E,K,N]], group_list, split_item=2|3)` -> `[y[M,N]]`,
+        rows `[start_e, end_e)` times `W[e]` (rows must already be sorted by expert); the weight may be a
+        transposed view (dx: `[W.transpose(1, 2)]`) or a list of E `[K, N]` tensors. Rows past the last
+        group end are 0 here (undefined on NPU).
+      * group_type 2, contraction grouped (weight gradients): `gmm([x.T[K,M]], [dy[M,N]], group_list,
+        split_item=3)` -> `[dW[E,K,N]]`, `dW[e] = x[s_e:e_e].T @ dy[s_e:e_e]`, zeros for an empty group.
+      * group_type -1 / None: independent matmuls `y_i = x_i @ w_i (+ bias_i)`.
+
+    group_list: int64 tensor or host ints; group_list_type 0 = cumulative end offsets, 1 = group sizes.
+    split_item 0/1 -> one output per group; 2/3 -> a single output tensor. Math in fp32 (fp64 for fp64),
+    output in x's dtype.
+    """
+    for name, value in (("scale", scale), ("offset", offset), ("antiquant_scale", antiquant_scale),
+                        ("antiquant_offset", antiquant_offset), ("per_token_scale", per_token_scale),
+                        ("activation_input", activation_input), ("activation_quant_scale", activation_quant_scale),
+                        ("activation_quant_offset", activation_quant_offset)):
+        if value is not None and not (isinstance(value, (list, tuple)) and len(value) == 0):
+            raise NotImplementedError(f"npu_grouped_matmul: quantisation argument {name} is not emulated")
+    if act_type != 0:
+        raise NotImplementedError("npu_grouped_matmul: fused activation (act_type != 0) is not emulated")
+    if split_item not in (0, 1, 2, 3):
+        raise ValueError(f"split_item must be 0..3, got {split_item}")
+    x, weight = list(x), list(weight)
+    if not x or not weight:
+        raise ValueError("x and weight must be non-empty lists of tensors")
+    out_dtype = x[0].dtype
+    if output_dtype is not None and output_dtype != out_dtype:
+        raise NotImplementedError("npu_grouped_matmul: output_dtype other than x's dtype is not emulated")
+    compute_dtype = _compute_dtype(*(t.dtype for t in x + weight))
+    group_type = -1 if group_type is None else group_type
+    single_output = split_item in (2, 3)
+
+    if group_type == -1:
+        if group_list is not None:
+            raise ValueError("group_type=-1 (no grouping) takes no group_list; use group_type=0")
+        if len(x) != len(weight):
+            raise ValueError(f"group_type=-1 needs as many x as weight tensors, got {len(x)} and {len(weight)}")
+        outs = []
+        for i, (x_i, w_i) in enumerate(zip(x, weight)):
+            y_i = x_i.to(compute_dtype) @ w_i.to(compute_dtype)
+            if bias is not None:
+                y_i = y_i + bias[i].to(compute_dtype)
+            outs.append(y_i.to(out_dtype))
+        return [torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])] if single_output else outs
+
+    if group_type == 0:
+        if len(x) != 1 or x[0].dim() != 2:
+            raise NotImplementedError("group_type=0 is emulated for a single 2-D x tensor")
+        x_MK = x[0]
+        if len(weight) == 1 and weight[0].dim() == 3:
+            weights_KN = list(weight[0].unbind(0))
+            max_groups = _MAX_GMM_GROUPS_SINGLE_WEIGHT
+        else:
+            weights_KN, max_groups = weight, _MAX_GMM_GROUPS_WEIGHT_LIST
+        num_groups = len(weights_KN)
+        if num_groups > max_groups:
+            raise ValueError(f"{num_groups} groups exceed torch_npu's limit of {max_groups} for this weight form")
+        if x_MK.shape[-1] >= _MAX_GMM_INNER_DIM or weights_KN[0].shape[-1] >= _MAX_GMM_INNER_DIM:
+            raise ValueError(f"the inner dims of x and weight must be < {_MAX_GMM_INNER_DIM}")
+        ends = _group_ends(group_list, group_list_type, x_MK.shape[0])
+        if len(ends) != num_groups:
+            raise ValueError(f"group_list has {len(ends)} groups but there are {num_groups} weights")
+        num_out = weights_KN[0].shape[-1]
+        y_MN = x_MK.new_zeros(x_MK.shape[0], num_out, dtype=compute_dtype)
+        starts = [0] + ends[:-1]
+        for e, (s, t) in enumerate(zip(starts, ends)):
+            if t > s:
+                y_e = x_MK[s:t].to(compute_dtype) @ weights_KN[e].to(compute_dtype)
+                if bias is not None:
+                    y_e = y_e + (bias[0][e] if len(bias) == 1 and bias[0].dim() == 2 else bias[e]).to(compute_dtype)
+                y_MN[s:t] = y_e
+        y_MN = y_MN.to(out_dtype)
+        return [y_MN] if single_output else [y_MN[s:t] for s, t in zip(starts, ends)]
+
+    if group_type == 2:
+        if len(x) != 1 or len(weight) != 1 or x[0].dim() != 2 or weight[0].dim() != 2:
+            raise ValueError("group_type=2 takes x = [x.T [K, M]] and weight = [dy [M, N]]")
+        if bias is not None:
+            raise ValueError("group_type=2 (weight gradients) takes no bias")
+        xT_KM, dy_MN = x[0], weight[0]
+        if xT_KM.shape[1] != dy_MN.shape[0]:
+            raise ValueError(f"x.T is {tuple(xT_KM.shape)} but dy is {tuple(dy_MN.shape)}: grouped axis differs")
+        ends = _group_ends(group_list, group_list_type, dy_MN.shape[0])
+        dW_EKN = xT_KM.new_zeros(len(ends), xT_KM.shape[0], dy_MN.shape[1], dtype=compute_dtype)
+        for e, (s, t) in enumerate(zip([0] + ends[:-1], ends)):
+            if t > s:
+                dW_EKN[e] = xT_KM[:, s:t].to(compute_dtype) @ dy_MN[s:t].to(compute_dtype)
+        dW_EKN = dW_EKN.to(out_dtype)
+        return [dW_EKN] if single_output else list(dW_EKN.unbind(0))
+
+    raise ValueError(f"group_type must be -1 (None), 0 or 2, got {group_type}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1.8 swiglu, 1.9 rms_norm, 1.10 rotary_mul (differentiable)
+# ---------------------------------------------------------------------------------------------------
+
+
+def npu_swiglu(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """`silu(A) * B` with `A, B = x.chunk(2, dim)`: the FIRST half is the gate. Output halves `dim`."""
+    if not 1 <= x.dim() <= 8:
+        raise ValueError(f"npu_swiglu supports 1-8 dims, got {x.dim()}")
+    if x.shape[dim] % 2:
+        raise ValueError(f"dim {dim} of size {x.shape[dim]} must be even")
+    gate, up = x.chunk(2, dim=dim)
+    compute_dtype = _compute_dtype(x.dtype)
+    return (F.silu(gate.to(compute_dtype)) * up.to(compute_dtype)).to(x.dtype)
+
+
+def npu_rms_norm(x: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """`y = (x_fp32 * rstd * gamma_fp32).to(x.dtype)`, `rstd = 1 / sqrt(mean(x^2) + eps)` over gamma's dims.
+
+    Returns `(y, rstd)`; rstd is float32 with x's leading dims and 1 for each gamma dim, and is not
+    differentiable. Note the order: gamma multiplies in fp32 before the cast (Qwen/HF cast first), so
+    bf16 results differ from the reference OpSet in the last bit.
+    """
+    if gamma.dim() == 0 or tuple(x.shape[-gamma.dim():]) != tuple(gamma.shape):
+        raise ValueError(f"gamma {tuple(gamma.shape)} must match the trailing dims of x {tuple(x.shape)}")
+    compute_dtype = _compute_dtype(x.dtype, gamma.dtype)
+    reduce_dims = tuple(range(x.dim() - gamma.dim(), x.dim()))
+    x_c = x.to(compute_dtype)
+    rstd = torch.rsqrt(x_c.pow(2).mean(dim=reduce_dims, keepdim=True) + epsilon)
+    y = (x_c * rstd * gamma.to(compute_dtype)).to(x.dtype)
+    return y, rstd.detach().to(torch.float32)
+
+
+def npu_rotary_mul(x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, rotary_mode: str = "half",
+                   rotate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`r1 * x + r2 * rotate(x)` with r1 = cos, r2 = sin (full head dim D, broadcast to x).
+
+    half: `rotate(x) = cat(-x2, x1)` with `x1, x2 = x.chunk(2, -1)`; interleave: each pair
+    `(x[2i], x[2i+1]) -> (-x[2i+1], x[2i])`. x must be 4-D (BNSD / BSND / SBND); r1/r2 broadcast
+    (e.g. `1S1D`, `S11D`, `11SD`) and share x's dtype. Differentiable w.r.t. x, r1 and r2.
+    """
+    if rotate is not None:
+        raise NotImplementedError("npu_rotary_mul: the `rotate` matrix form is not emulated")
+    if x.dim() != 4:
+        raise ValueError(f"npu_rotary_mul takes a 4-D x, got shape {tuple(x.shape)}")
+    if x.shape[-1] % 2:
+        raise ValueError(f"head dim {x.shape[-1]} must be even")
+    if r1.dtype != x.dtype or r2.dtype != x.dtype:
+        raise TypeError(f"r1/r2 must have x's dtype {x.dtype}, got {r1.dtype} and {r2.dtype}")
+    for name, r in (("r1", r1), ("r2", r2)):
+        if r.dim() != 4 or torch.broadcast_shapes(r.shape, x.shape) != x.shape:
+            raise ValueError(f"{name} {tuple(r.shape)} must be 4-D and broadcast to x {tuple(x.shape)}")
+    compute_dtype = _compute_dtype(x.dtype)
+    x_c = x.to(compute_dtype)
+    if rotary_mode == "half":
+        x1, x2 = x_c.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+    elif rotary_mode == "interleave":
+        rotated = torch.stack((-x_c[..., 1::2], x_c[..., 0::2]), dim=-1).flatten(-2)
+    else:
+        raise ValueError(f"rotary_mode must be 'half' or 'interleave', got {rotary_mode!r}")
+    return (r1.to(compute_dtype) * x_c + r2.to(compute_dtype) * rotated).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1.11 fusion attention (differentiable w.r.t. q, k, v, pse)
+# ---------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _canonical_compressed_mask(device: torch.device) -> torch.Tensor:
+    return torch.triu(torch.ones(_COMPRESSED_MASK_SIZE, _COMPRESSED_MASK_SIZE, dtype=torch.bool, device=device), 1)
+
+
+def _check_compressed_mask(atten_mask: Optional[torch.Tensor], sparse_mode: int) -> None:
+    """sparse_mode 2/3 take the optimised 2048x2048 `triu(ones, 1)` mask (True = masked); the kernel
+    derives the causal structure from it, so anything else would not mean what the caller thinks."""
+    if atten_mask is None:
+        raise ValueError(f"sparse_mode={sparse_mode} requires atten_mask = torch.triu(torch.ones(2048, 2048, "
+                         "dtype=torch.bool), 1)")
+    if tuple(atten_mask.shape) != (_COMPRESSED_MASK_SIZE, _COMPRESSED_MASK_SIZE):
+        raise ValueError(f"sparse_mode={sparse_mode} takes the compressed [2048, 2048] mask, "
+                         f"got {tuple(atten_mask.shape)}")
+    if not torch.equal(atten_mask.bool(), _canonical_compressed_mask(atten_mask.device)):
+        raise ValueError(f"sparse_mode={sparse_mode}: atten_mask must be torch.triu(torch.ones(2048, 2048), 1) "
+                         "(True = masked)")
+
+
+def _structural_mask(sq: int, skv: int, sparse_mode: int, pre_tockens: int, next_tockens: int,
+                     has_explicit_mask: bool, device: torch.device) -> Optional[torch.Tensor]:
+    """The [Sq, Skv] part of the mask (True = masked) that sparse_mode defines, or None."""
+    if sparse_mode in (2, 3):
+        row = torch.arange(sq, device=device).unsqueeze(1)
+        col = torch.arange(skv, device=device).unsqueeze(0)
+        # 2 = leftUpCausal (diagonal through the top-left corner), 3 = rightDownCausal (bottom-right).
+        return col > row + (skv - sq if sparse_mode == 3 else 0)
+    if sparse_mode == 0 and has_explicit_mask and (pre_tockens < sq or next_tockens < skv):
+        # Mode 0 with a mask computes only the band -pre_tockens <= j - i <= next_tockens.
+        row = torch.arange(sq, device=device).unsqueeze(1)
+        col = torch.arange(skv, device=device).unsqueeze(0)
+        return (col - row > next_tockens) | (row - col > pre_tockens)
+    return None  # mode 0 without a mask ignores pre/next_tockens; mode 1 uses the mask alone
+
+
+def _attention_core(q_BNSD: torch.Tensor, k_BNSD: torch.Tensor, v_BNSD: torch.Tensor,
+                    masked: Optional[torch.Tensor], scale: float, pse: Optional[torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """softmax(scale * (q k^T + pse), masked -> -inf) @ v in fp32 (fp64 for fp64).
+
+    Returns the output `[B, N, Sq, Dv]` in the compute dtype and the row max / row sum `[B, N, Sq]`.
+    """
+    compute_dtype = _compute_dtype(q_BNSD.dtype)
+    group = q_BNSD.shape[1] // k_BNSD.shape[1]
+    if group > 1:  # GQA: query head h reads kv head h // group
+        k_BNSD = k_BNSD.repeat_interleave(group, dim=1)
+        v_BNSD = v_BNSD.repeat_interleave(group, dim=1)
+    batch, heads, sq = q_BNSD.shape[:3]
+    if k_BNSD.shape[2] == 0:  # nothing to attend to: undefined on NPU, zero here
+        out = q_BNSD.new_zeros(batch, heads, sq, v_BNSD.shape[-1], dtype=compute_dtype)
+        empty = q_BNSD.new_zeros(batch, heads, sq, dtype=compute_dtype)
+        return out, empty - float("inf"), empty
+    scores = torch.matmul(q_BNSD.to(compute_dtype), k_BNSD.to(compute_dtype).transpose(-1, -2))
+    if pse is not None:  # torch_npu: scale * (pse + q k^T)
+        scores = scores + pse.to(compute_dtype)
+    scores = scores * scale
+    dead_rows = None
+    if masked is not None:
+        scores = scores.masked_fill(masked, float("-inf"))
+        dead_rows = masked.all(dim=-1, keepdim=True)  # fully-masked rows: invalid on NPU, output 0 here
+        if bool(dead_rows.any()):
+            scores = scores.masked_fill(dead_rows, 0.0)  # keep softmax (and its backward) finite
+        else:
+            dead_rows = None
+    # torch.softmax rather than exp/sum/divide: its fused backward is the accurate one (what
+    # FlashAttention's backward computes too), which keeps fp32 gradients within ~2e-7 of fp64.
+    probs = torch.softmax(scores, dim=-1)
+    if dead_rows is not None:
+        probs = probs.masked_fill(dead_rows, 0.0)
+    out = torch.matmul(probs, v_BNSD.to(compute_dtype))
+    with torch.no_grad():  # softmax_max / softmax_sum: informational, not differentiable
+        row_max = scores.amax(dim=-1, keepdim=True)
+        row_sum = torch.exp(scores - row_max).sum(dim=-1, keepdim=True)
+        if dead_rows is not None:
+            row_max = row_max.masked_fill(dead_rows, float("-inf"))
+            row_sum = row_sum.masked_fill(dead_rows, 0.0)
+    return out, row_max.squeeze(-1), row_sum.squeeze(-1)
+
+
+def _cumulative_ends(name: str, values: Any) -> list[int]:
+    if values is None:
+        raise ValueError(f"input_layout='TND' requires {name} (cumulative end offsets without a leading 0)")
+    if isinstance(values, torch.Tensor):
+        raise TypeError(f"{name} must be a host list of ints (torch_npu's int[]), got a tensor; "
+                        "convert with cu_seqlens[1:].tolist()")
+    return [int(v) for v in values]
+
+
+def _varlen_bounds(actual_seq_qlen: Any, actual_seq_kvlen: Any, t_q: int, t_kv: int) -> list[tuple[int, int, int, int]]:
+    """[(q_start, q_end, kv_start, kv_end)] per sequence from torch_npu's cumulative-end lists."""
+    q_ends = _cumulative_ends("actual_seq_qlen", actual_seq_qlen)
+    kv_ends = _cumulative_ends("actual_seq_kvlen", actual_seq_kvlen)
+    if len(q_ends) != len(kv_ends):
+        raise ValueError("actual_seq_qlen and actual_seq_kvlen must have the same length "
+                         f"({len(q_ends)} vs {len(kv_ends)})")
+    while q_ends and q_ends[-1] == 0 and kv_ends[-1] == 0:  # trailing zeros skip trailing batches
+        q_ends.pop()
+        kv_ends.pop()
+    if len(q_ends) > _MAX_VARLEN_SEQUENCES:
+        raise ValueError(f"{len(q_ends)} sequences exceed the varlen limit of {_MAX_VARLEN_SEQUENCES}")
+    for name, ends, total in (("actual_seq_qlen", q_ends, t_q), ("actual_seq_kvlen", kv_ends, t_kv)):
+        if any(e < 0 for e in ends) or any(b < a for a, b in zip(ends, ends[1:])):
+            raise ValueError(f"{name} must be cumulative (non-decreasing) end offsets without a leading 0 "
+                             f"(lengths 2 2 2 -> 2 4 6), got {ends}")
+        if ends and ends[-1] > total:
+            raise ValueError(f"{name} ends at {ends[-1]} but the tensor has {total} tokens")
+    q_starts, kv_starts = [0] + q_ends[:-1], [0] + kv_ends[:-1]
+    return list(zip(q_starts, q_ends, kv_starts, kv_ends))
+
+
+def npu_fusion_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, head_num: int,
+                         input_layout: str, pse: Optional[torch.Tensor] = None,
+                         padding_mask: Optional[torch.Tensor] = None, atten_mask: Optional[torch.Tensor] = None,
+                         scale: float = 1.0, keep_prob: float = 1.0, pre_tockens: int = 2147483647,
+                         next_tockens: int = 2147483647, inner_precise: int = 0, prefix: Optional[Sequence[int]] = None,
+                         actual_seq_qlen: Optional[Sequence[int]] = None,
+                         actual_seq_kvlen: Optional[Sequence[int]] = None,
+                         sparse_mode: int = 0, gen_mask_parallel: bool = True, sync: bool = False,
+                         softmax_layout: str = "", sink: Optional[torch.Tensor] = None):
+    """FlashAttention forward: `softmax(Mask(scale * (pse + q k^T), atten_mask)) @ v`.
+
+    Returns the 7-tuple `(attention_out, softmax_max, softmax_sum, softmax_out, seed, offset, numels)`;
+    use `[0]`. Layouts: BSH, SBH, BSND, BNSD, TND (`q [Tq, Nq, D]`, `k/v [Tkv, Nkv, D]`, GQA when
+    Nq % Nkv == 0; head_num = Nq). NOTE: `scale` defaults to 1.0 (pass 1/sqrt(D)). TND needs
+    `actual_seq_qlen/actual_seq_kvlen`: host int lists of cumulative END offsets WITHOUT a leading 0
+    (lengths 2 2 2 2 2 -> 2 4 6 8 10); repeated values are empty sequences, trailing zeros skip
+    trailing batches. atten_mask: bool/uint8, True = masked. sparse_mode 0 = the explicit mask (plus the
+    pre/next_tockens band) or none at all; 1 = the explicit mask only; 2 = causal aligned top-left and
+    3 = causal aligned bottom-right, both with the compressed `triu(ones(2048, 2048), 1)` mask.
+    Differentiable w.r.t. query, key, value (and pse); softmax_max/sum are not.
+    """
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if keep_prob != 1.0:
+        raise NotImplementedError("dropout (keep_prob < 1) is not emulated: the NPU's RNG cannot be reproduced")
+    if padding_mask is not None or prefix is not None or sink is not None:
+        raise NotImplementedError("padding_mask, prefix and sink are not emulated")
+    if sparse_mode not in (0, 1, 2, 3):
+        raise NotImplementedError(f"sparse_mode={sparse_mode} is not emulated (0, 1, 2, 3 are)")
+    if softmax_layout not in ("", "TND"):
+        raise NotImplementedError(f"softmax_layout={softmax_layout!r} is not emulated")
+    if atten_mask is not None and atten_mask.dtype not in (torch.bool, torch.uint8):
+        raise TypeError(f"atten_mask must be bool or uint8 (True/1 = masked), got {atten_mask.dtype}")
+    if sparse_mode in (2, 3):
+        _check_compressed_mask(atten_mask, sparse_mode)
+    elif sparse_mode == 1 and atten_mask is None:
+        raise ValueError("sparse_mode=1 (allMask) requires the full atten_mask")
+    if not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    expected_dim = {"BSH": 3, "SBH": 3, "BSND": 4, "BNSD": 4, "TND": 3}.get(input_layout)
+    if expected_dim is None:
+        raise ValueError(f"input_layout must be one of BSH, SBH, BSND, BNSD, TND, got {input_layout!r}")
+    if not query.dim() == key.dim() == value.dim() == expected_dim:
+        raise ValueError(f"layout {input_layout} takes {expected_dim}-D query/key/value")
+    if input_layout != "TND" and (actual_seq_qlen is not None or actual_seq_kvlen is not None):
+        raise ValueError("actual_seq_qlen/actual_seq_kvlen are only valid with input_layout='TND'")
+    explicit_mask = atten_mask.bool() if (atten_mask is not None and sparse_mode in (0, 1)) else None
+
+    if input_layout == "TND":
+        return _fusion_attention_tnd(query, key, value, head_num, pse, explicit_mask, float(scale), pre_tockens,
+                                     next_tockens, actual_seq_qlen, actual_seq_kvlen, sparse_mode)
+
+    # Bring every batched layout to BNSD.
+    if input_layout in ("BSH", "SBH"):
+        if input_layout == "SBH":
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        if query.shape[-1] % head_num:
+            raise ValueError(f"hidden size {query.shape[-1]} is not a multiple of head_num {head_num}")
+        head_dim = query.shape[-1] // head_num
+        if key.shape[-1] % head_dim:
+            raise ValueError(f"key hidden size {key.shape[-1]} is not a multiple of the head dim {head_dim}")
+        kv_heads = key.shape[-1] // head_dim
+        q_BNSD = query.unflatten(-1, (head_num, head_dim)).transpose(1, 2)
+        k_BNSD = key.unflatten(-1, (kv_heads, head_dim)).transpose(1, 2)
+        v_BNSD = value.unflatten(-1, (kv_heads, value.shape[-1] // kv_heads)).transpose(1, 2)
+    elif input_layout == "BSND":
+        q_BNSD, k_BNSD, v_BNSD = (t.transpose(1, 2) for t in (query, key, value))
+    else:
+        q_BNSD, k_BNSD, v_BNSD = query, key, value
+    if q_BNSD.shape[1] != head_num:
+        raise ValueError(f"head_num={head_num} but query has {q_BNSD.shape[1]} heads")
+    if head_num % k_BNSD.shape[1]:
+        raise ValueError(f"query heads {head_num} must be a multiple of key/value heads {k_BNSD.shape[1]}")
+    sq, skv = q_BNSD.shape[2], k_BNSD.shape[2]
+
+    masked = explicit_mask
+    if masked is not None:
+        if masked.dim() not in (2, 4) or tuple(masked.shape[-2:]) != (sq, skv):
+            raise ValueError(f"atten_mask must be [Sq, Skv], [B, 1, Sq, Skv] or [B, N, Sq, Skv] with "
+                             f"Sq={sq}, Skv={skv}; got {tuple(masked.shape)}")
+    structural = _structural_mask(sq, skv, sparse_mode, pre_tockens, next_tockens, masked is not None, query.device)
+    if structural is not None:
+        masked = structural if masked is None else (masked | structural)
+    out_BNSD, row_max, row_sum = _attention_core(q_BNSD, k_BNSD, v_BNSD, masked, float(scale), pse)
+    out_BNSD = out_BNSD.to(query.dtype)
+
+    if input_layout == "BNSD":
+        out = out_BNSD
+    elif input_layout == "BSND":
+        out = out_BNSD.transpose(1, 2)
+    else:
+        out = out_BNSD.transpose(1, 2).flatten(-2)  # BSH
+        if input_layout == "SBH":
+            out = out.transpose(0, 1)
+    softmax_max = row_max.detach().float().unsqueeze(-1).expand(*row_max.shape, 8).contiguous()
+    softmax_sum = row_sum.detach().float().unsqueeze(-1).expand(*row_sum.shape, 8).contiguous()
+    return out, softmax_max, softmax_sum, query.new_empty(0), 0, 0, 0
+
+
+def _fusion_attention_tnd(query, key, value, head_num, pse, explicit_mask, scale, pre_tockens, next_tockens,
+                          actual_seq_qlen, actual_seq_kvlen, sparse_mode):
+    """Varlen (packed) attention: one sequence at a time, no token attends across a boundary."""
+    t_q, n_q = query.shape[:2]
+    n_kv = key.shape[1]
+    if n_q != head_num:
+        raise ValueError(f"head_num={head_num} but query has {n_q} heads")
+    if n_q % n_kv:
+        raise ValueError(f"query heads {n_q} must be a multiple of key/value heads {n_kv}")
+    if explicit_mask is not None:
+        raise NotImplementedError("an explicit (uncompressed) atten_mask with TND is not emulated; "
+                                  "use sparse_mode 2/3 with the compressed mask, or no mask")
+    if pse is not None:
+        raise NotImplementedError("pse with TND is not emulated")
+    bounds = _varlen_bounds(actual_seq_qlen, actual_seq_kvlen, t_q, key.shape[0])
+
+    compute_dtype = _compute_dtype(query.dtype)
+    outs, maxes, sums = [], [], []
+    for q_start, q_end, kv_start, kv_end in bounds:
+        if q_end == q_start:  # an empty sequence (a repeated value)
+            continue
+        q_1NSD = query[q_start:q_end].transpose(0, 1).unsqueeze(0)
+        k_1NSD = key[kv_start:kv_end].transpose(0, 1).unsqueeze(0)
+        v_1NSD = value[kv_start:kv_end].transpose(0, 1).unsqueeze(0)
+        masked = _structural_mask(q_end - q_start, kv_end - kv_start, sparse_mode, pre_tockens, next_tockens,
+                                  False, query.device)
+        out, row_max, row_sum = _attention_core(q_1NSD, k_1NSD, v_1NSD, masked, scale, None)
+        outs.append(out[0].transpose(0, 1))  # [Sq, N, Dv]
+        maxes.append(row_max[0].t())
+        sums.append(row_sum[0].t())
+    covered = bounds[-1][1] if bounds else 0
+    if covered < t_q:  # rows past the last sequence: not computed on NPU, zero here
+        outs.append(query.new_zeros(t_q - covered, n_q, value.shape[-1], dtype=compute_dtype))
+        maxes.append(query.new_zeros(t_q - covered, n_q, dtype=compute_dtype))
+        sums.append(query.new_zeros(t_q - covered, n_q, dtype=compute_dtype))
+    if not outs:
+        outs, maxes, sums = ([query.new_zeros(0, n_q, value.shape[-1], dtype=compute_dtype)],
+                             [query.new_zeros(0, n_q)], [query.new_zeros(0, n_q)])
+    out = torch.cat(outs).to(query.dtype)
+    softmax_max = torch.cat(maxes).detach().float().unsqueeze(-1).expand(-1, -1, 8).contiguous()
+    softmax_sum = torch.cat(sums).detach().float().unsqueeze(-1).expand(-1, -1, 8).contiguous()
+    return out, softmax_max, softmax_sum, query.new_empty(0), 0, 0, 0

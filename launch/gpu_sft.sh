@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Launch sail_dist on NVIDIA GPUs (DeepSpeed ZeRO-2 backend) with torchrun: one node or many.
+#
+#   bash launch/gpu_sft.sh [CONFIG] [key.sub=value ...]
+#
+# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT on every node (same values except NODE_RANK).
+# GPUs per node are detected (override with NPROC_PER_NODE). With no GPU the same script runs the
+# same backend on CPU (DeepSpeed's CPU accelerator + gloo), 2 processes by default.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$here/common.sh"
+
+CONFIG="${1:-configs/demo/demo.yaml}"
+shift || true
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  detected=$(nvidia-smi -L | wc -l)
+  export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+  # NVLink multicast stays off: it can take shared hosts' GPUs out of service.
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+else
+  detected="${CPU_RANKS:-2}"
+  export DS_ACCELERATOR=cpu
+  echo "gpu_sft.sh: no NVIDIA GPU found; running the GPU backend on CPU (gloo) with $detected processes" >&2
+fi
+NPROC_PER_NODE="${NPROC_PER_NODE:-$detected}"
+
+sail_torchrun "$NPROC_PER_NODE" --config "$CONFIG" backend.name=gpu "$@"

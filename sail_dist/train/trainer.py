@@ -1,0 +1,120 @@
+"""The training loop, written once for both backends:
+
+    loader (packed, balanced micro-batches) -> engine.train_step -> metrics -> checkpoints
+
+Resume restores the engine (model + optimizer), the data-loader position and packer buffers and the
+RNG states, so a resumed run continues exactly as the uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from sail_dist.backends.base import get_backend
+from sail_dist.config import Config, dump_config
+from sail_dist.data.loader import build_loader
+from sail_dist.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from sail_dist.train.metrics import Metrics
+
+log = logging.getLogger("sail_dist")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) the training job described by `cfg`; returns a summary (final loss, paths, eval)."""
+    backend = get_backend(cfg.backend.name)
+    env = backend.setup(cfg)
+    setup_logging(env.rank)
+    seed_everything(cfg.train.seed + env.rank)
+    try:
+        return _train(cfg, backend, env)
+    finally:
+        backend.teardown()
+
+
+def _train(cfg: Config, backend, env) -> dict:
+    t = cfg.train
+    if env.is_main:
+        os.makedirs(t.out_dir, exist_ok=True)
+        dump_config(cfg, os.path.join(t.out_dir, "config.yaml"))
+    loader = build_loader(cfg, dp_rank=env.dp_rank, dp_size=env.dp_size)
+    engine = backend.build(cfg, env)
+    start, nonfinite_run, skipped_total = 0, 0, 0
+    resume = resolve_resume(cfg)
+    if resume:
+        meta, rank_state = load_checkpoint(resume, engine, env.rank, env.world_size, cfg.backend.name)
+        loader.load_state_dict(rank_state["loader"])
+        start, skipped_total = meta["step"], meta.get("skipped_steps", 0)
+        log.info("resumed from %s at step %d", resume, start)
+    metrics = Metrics(t.out_dir, env, t.steps, start, tensorboard=t.tensorboard)
+    log.info("training %d steps (%d micro-batches x %d DP ranks per step) on %s; logs: %s", t.steps,
+             t.micro_batches, env.dp_size, env.device_name, t.out_dir)
+    last_ckpt, losses, step = resume, [], start
+    t0 = time.perf_counter()
+    for step in range(start, t.steps):
+        micro_batches, data_stats = loader.next_step()
+        stats = engine.train_step(micro_batches, step)
+        if stats.skipped:
+            nonfinite_run += 1
+            skipped_total += 1
+            log.warning("step %d: non-finite loss %.4g / grad norm %.4g; update skipped (%d in a row)",
+                        step + 1, stats.loss, stats.grad_norm, nonfinite_run)
+            if nonfinite_run >= t.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"{nonfinite_run} consecutive steps (last: {step + 1}) had a non-finite loss or gradient. "
+                    "Lower train.lr, check the data for broken samples (bad-sample counts are in the log), or "
+                    f"resume from the last good checkpoint ({last_ckpt or 'none written yet'}) with other settings.")
+        else:
+            nonfinite_run = 0
+            losses.append(stats.loss)
+        metrics.log_step(step, stats, {**data_stats, "skipped_total": skipped_total}, every=t.log_every)
+        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps:
+            last_ckpt = _save(cfg, engine, loader, env, step + 1, skipped_total)
+    if t.steps > start or not last_ckpt:
+        last_ckpt = _save(cfg, engine, loader, env, t.steps, skipped_total)
+    summary = {"steps": t.steps, "final_loss": losses[-1] if losses else math.nan,
+               "first_loss": losses[0] if losses else math.nan, "checkpoint": last_ckpt,
+               "tensorboard": os.path.join(t.out_dir, "tensorboard"), "metrics": os.path.join(t.out_dir, "metrics.jsonl"),
+               "train_time_s": time.perf_counter() - t0, "skipped_steps": skipped_total,
+               "bad_samples": loader.bad_sample_summary(), "is_main": env.is_main}
+    if cfg.data.demo and t.eval_samples > 0:
+        from sail_dist.train.evaluate import evaluate_demo
+
+        summary["eval"] = evaluate_demo(cfg, engine, env)
+        metrics.log_scalars("eval", {"exact_match": summary["eval"]["accuracy"]}, t.steps)
+    metrics.close()
+    if env.is_main:
+        log.info("done: loss %.4f -> %.4f over %d steps; checkpoint %s; TensorBoard: tensorboard --logdir %s",
+                 summary["first_loss"], summary["final_loss"], t.steps - start, last_ckpt, summary["tensorboard"])
+        if summary["bad_samples"]:
+            log.info("bad samples (skipped and counted): %s", summary["bad_samples"])
+    return summary
+
+
+def _save(cfg: Config, engine, loader, env, step: int, skipped_total: int) -> str:
+    path = save_checkpoint(cfg, engine, step, env.rank, env.world_size, {"loader": loader.state_dict()},
+                           {"skipped_steps": skipped_total})
+    log.info("checkpoint written: %s", path)
+    return path
