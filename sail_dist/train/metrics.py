@@ -79,7 +79,7 @@ class Metrics:
             rec["mfu"] = flops / dt / self.env.world_size / self.peak
         if stats.expert_counts is not None:
             rec["expert_load_entropy"] = expert_load_entropy(stats.expert_counts)
-        rec.update({k: v for k, v in data.items() if isinstance(v, (int, float))})
+        rec.update({f"data_{k}": v for k, v in data.items() if isinstance(v, (int, float)) and k != "step"})
         self.steps_timed += 1
         if not self.env.is_main:
             return rec
@@ -98,8 +98,8 @@ class Metrics:
             parts += [f"lr {stats.lr:.2e}", f"gnorm {stats.grad_norm:.3f}", f"{rec['tokens_per_s'] / 1e3:.1f}k tok/s"]
             if "mfu" in rec:
                 parts.append(f"MFU {100 * rec['mfu']:.1f}%")
-            if "pack_utilization" in data:
-                parts.append(f"pack {data['pack_utilization']:.3f}")
+            if "utilisation" in data:
+                parts.append(f"pack {data['utilisation']:.3f}")
             if "llm_imbalance" in data:
                 parts.append(f"imb {data['llm_imbalance']:.3f}")
             if stats.skipped:

@@ -74,8 +74,9 @@ def _train(cfg: Config, backend, env) -> dict:
     last_ckpt, losses, step = resume, [], start
     t0 = time.perf_counter()
     for step in range(start, t.steps):
-        micro_batches, data_stats = loader.next_step()
-        stats = engine.train_step(micro_batches, step)
+        data = next(loader)
+        data_stats = data.stats.as_dict()
+        stats = engine.train_step(data.micro_batches, step)
         if stats.skipped:
             nonfinite_run += 1
             skipped_total += 1
@@ -98,13 +99,14 @@ def _train(cfg: Config, backend, env) -> dict:
                "first_loss": losses[0] if losses else math.nan, "checkpoint": last_ckpt,
                "tensorboard": os.path.join(t.out_dir, "tensorboard"), "metrics": os.path.join(t.out_dir, "metrics.jsonl"),
                "train_time_s": time.perf_counter() - t0, "skipped_steps": skipped_total,
-               "bad_samples": loader.bad_sample_summary(), "is_main": env.is_main}
+               "bad_samples": loader.bad_samples().summary(), "is_main": env.is_main}
     if cfg.data.demo and t.eval_samples > 0:
         from sail_dist.train.evaluate import evaluate_demo
 
         summary["eval"] = evaluate_demo(cfg, engine, env)
         metrics.log_scalars("eval", {"exact_match": summary["eval"]["accuracy"]}, t.steps)
     metrics.close()
+    loader.close()
     if env.is_main:
         log.info("done: loss %.4f -> %.4f over %d steps; checkpoint %s; TensorBoard: tensorboard --logdir %s",
                  summary["first_loss"], summary["final_loss"], t.steps - start, last_ckpt, summary["tensorboard"])

@@ -1,0 +1,99 @@
+"""Training-step benchmark of an engine on synthetic packed micro-batches (the 2B shape by default).
+
+    torchrun --nproc_per_node N -m sail_dist.bench.train_step [--model configs/model/sailvl2_2b.yaml]
+        [--llm-layers 28] [--seq 8192] [--tiles-per-sample 2] [--micro-batches 2] [--offload none|cpu]
+        [--backend gpu] [--steps 8] [--warmup 3] [key.sub=value ...]
+
+Each micro-batch packs samples of `--sample-len` tokens, each with `--tiles-per-sample` 448 tiles
+(256 vision tokens each), up to `--seq` tokens. Reports per-step time, tokens/s (global and per device),
+MFU (model/flops.py over the device's dense bf16 peak), peak device memory; prints a table and ends
+with one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from sail_dist.backends.base import get_backend
+from sail_dist.config import load_config
+from sail_dist.data.synthetic import synthetic_batch
+from sail_dist.model.flops import batch_flops, param_counts
+from sail_dist.train.metrics import peak_flops
+
+
+def micro_batch(cfg, seq: int, sample_len: int, tiles: int, seed: int):
+    g = cfg.model.vit.grid
+    n = max(seq // sample_len, 1)
+    lens = [sample_len] * n
+    lens[-1] += seq - sum(lens)
+    return synthetic_batch(cfg.model, lens, [[(g, g)] * tiles for _ in lens], seed=seed)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="configs/model/sailvl2_2b.yaml")
+    p.add_argument("--llm-layers", type=int, default=0, help="reduce the LLM depth (0 = as configured)")
+    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--sample-len", type=int, default=2048)
+    p.add_argument("--tiles-per-sample", type=int, default=2)
+    p.add_argument("--micro-batches", type=int, default=2)
+    p.add_argument("--offload", default="none", choices=["none", "cpu"])
+    p.add_argument("--backend", default="gpu")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--label", default="")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    over = ["data.demo=true", f"train.steps={a.steps}", f"train.micro_batches={a.micro_batches}", "train.lr=1e-5",
+            f"backend.name={a.backend}", f"backend.offload_optimizer={a.offload}", "train.out_dir=/tmp/sail_bench",
+            *([f"model.llm.num_layers={a.llm_layers}"] if a.llm_layers else []), *a.overrides]
+    cfg = load_config(a.model, over)
+    backend = get_backend(cfg.backend.name)
+    env = backend.setup(cfg)
+    engine = backend.build(cfg, env)
+    times, losses = [], []
+    flops_step = 0.0
+    for step in range(a.steps):
+        mbs = [micro_batch(cfg, a.seq, a.sample_len, a.tiles_per_sample, seed=(step * env.dp_size + env.dp_rank) * 97 + m)
+               for m in range(a.micro_batches)]
+        flops_step = sum(batch_flops(cfg.model, b, cfg.train.train_modules).train for b in mbs)
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+        if dist.is_initialized():
+            dist.barrier()
+        t0 = time.perf_counter()
+        stats = engine.train_step(mbs, step)
+        if dist.is_initialized():
+            dist.barrier()
+        times.append(time.perf_counter() - t0)
+        losses.append(stats.loss)
+    dt = statistics.median(times[a.warmup:]) if len(times) > a.warmup else times[-1]
+    tokens_dev = a.seq * a.micro_batches / dt
+    peak = peak_flops(env.device_name)
+    mfu = flops_step / dt / peak if peak else float("nan")
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if env.device.type == "cuda" else float("nan")
+    pc = param_counts(cfg.model)
+    res = {"label": a.label or f"{os.path.basename(a.model)} offload={a.offload}", "device": env.device_name,
+           "world_size": env.world_size, "backend": cfg.backend.name, "llm_layers": cfg.model.llm.num_layers,
+           "params_b": round(pc["total"] / 1e9, 3), "seq": a.seq, "micro_batches": a.micro_batches,
+           "tiles_per_sample": a.tiles_per_sample, "offload": a.offload, "step_s": dt,
+           "tokens_per_s": tokens_dev * env.world_size, "tokens_per_s_per_device": tokens_dev,
+           "mfu": mfu, "tflops_per_device": flops_step / dt / 1e12, "peak_mem_gib": mem,
+           "loss_first": losses[0], "loss_last": losses[-1], "step_times": [round(x, 4) for x in times]}
+    if env.is_main:
+        print(f"{'label':<32}{'GPUs':>5}{'step s':>9}{'tok/s/dev':>11}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}")
+        print(f"{res['label']:<32}{env.world_size:>5}{dt:>9.3f}{tokens_dev:>11.0f}{res['tflops_per_device']:>9.1f}"
+              f"{100 * mfu:>6.1f}%{mem:>9.1f}")
+        print(json.dumps(res))
+    backend.teardown()
+    return res
+
+
+if __name__ == "__main__":
+    main()
