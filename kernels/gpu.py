@@ -1,0 +1,266 @@
+"""The GPU OpSet (NVIDIA): varlen flash attention, Triton fused MoE experts, chunked linear cross-entropy.
+
+    get_opset("gpu", moe_impl="triton" | "grouped_mm" | "loop", attention_impl="auto" | "flash_attn" |
+              "torch_varlen" | "reference")
+
+Every op also accepts CPU tensors (tests, CPU CI): attention then runs the reference, and the Triton
+experts run the reference too, unless the process runs Triton's interpreter (TRITON_INTERPRET=1 from
+before triton's import). The loop / grouped_mm experts and the chunked cross-entropy are plain torch and
+run anywhere (torch._grouped_mm wants 16-byte-aligned rows). rms_norm / rope / swiglu are the eager
+reference versions (memory-bound and small next to the GEMMs; not worth a kernel yet). Measured figures
+for the experts: BENCHMARKS.md, "MoE experts (issue 6)".
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+
+import torch
+
+from sail_dist.kernels import reference as ref
+from sail_dist.kernels.opset import OpSet
+
+log = logging.getLogger(__name__)
+
+MOE_IMPLS = ("triton", "grouped_mm", "loop")
+ATTENTION_IMPLS = ("auto", "flash_attn", "torch_varlen", "reference")
+
+
+@functools.cache
+def _log_once(msg: str) -> None:
+    log.info(msg)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention over cu_seqlens
+# --------------------------------------------------------------------------------------------------
+def _flash_attn_fn():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:  # noqa: BLE001 - ImportError, or a flash-attn build that fails to load
+        return None
+    return flash_attn_varlen_func
+
+
+def _torch_varlen_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _flash_attention(q, k, v, cu_seqlens, max_seqlen, causal):
+    fn = _flash_attn_fn()
+    return fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, causal=causal)
+
+
+@functools.cache
+def _varlen_params() -> frozenset:
+    return frozenset(inspect.signature(_torch_varlen_fn()).parameters)
+
+
+def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal):
+    params = _varlen_params()
+    kwargs = {}
+    # torch 2.10 spelled causality `is_causal`; later versions take a (left, right) window instead.
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kwargs["is_causal"] = causal
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return _torch_varlen_fn()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+def _resolve_attention(attention_impl: str) -> str:
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={attention_impl!r}; choose one of {ATTENTION_IMPLS}")
+    if attention_impl == "auto":
+        if _flash_attn_fn() is not None:
+            return "flash_attn"
+        if _torch_varlen_fn() is not None:
+            return "torch_varlen"
+        return "reference"
+    if attention_impl == "flash_attn" and _flash_attn_fn() is None:
+        raise ImportError("attention_impl='flash_attn' but flash_attn is not importable")
+    if attention_impl == "torch_varlen" and _torch_varlen_fn() is None:
+        raise ImportError("attention_impl='torch_varlen' but torch.nn.attention.varlen is missing")
+    return attention_impl
+
+
+def make_attention(attention_impl: str = "auto"):
+    """attention(q[T,Hq,D], k, v, cu_seqlens, max_seqlen, causal) on the chosen kernel; the reference
+    for CPU tensors and for dtypes the flash kernels lack (fp32)."""
+    impl = _resolve_attention(attention_impl)
+    fast = {"flash_attn": _flash_attention, "torch_varlen": _torch_varlen_attention}.get(impl)
+    _log_once(f"sail_dist gpu OpSet: attention = {impl}")
+
+    def attention(q, k, v, cu_seqlens, max_seqlen, causal):
+        if fast is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+            if fast is not None:
+                _log_once(f"sail_dist gpu OpSet: attention on {q.device.type}/{q.dtype} -> reference")
+            return ref.attention(q, k, v, cu_seqlens, max_seqlen, causal)
+        return fast(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), causal)
+
+    attention.impl = impl
+    return attention
+
+
+# --------------------------------------------------------------------------------------------------
+# MoE experts: three interchangeable implementations of one contract
+# --------------------------------------------------------------------------------------------------
+def _rows_and_inverse(topk_idx_TK, num_experts):
+    from sail_dist.kernels.triton.moe_routing import route
+
+    r = route(topk_idx_TK, num_experts)
+    # Inverse of the sort: flat slot (t, k) -> sorted row, to put rows back in (token, slot) order.
+    inv_M = torch.empty_like(r.perm_M)
+    inv_M[r.perm_M] = torch.arange(r.num_rows, device=inv_M.device)
+    return r, inv_M
+
+
+def _weighted_sum(y_TKH, topk_weight_TK, x_TH):
+    """sum_k topk_weight[t, k] * y[t, k]: the combine, contiguous over the K slots (deterministic)."""
+    T, K = topk_weight_TK.shape
+    return (y_TKH.view(T, K, y_TKH.shape[-1]) * topk_weight_TK.to(x_TH.dtype)[..., None]).sum(1)
+
+
+def moe_experts_loop(x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH):
+    """Per-expert loop (one host sync for the counts): the baseline, fine for a handful of experts."""
+    E = w_gate_up_EHF2.shape[0]
+    r, inv_M = _rows_and_inverse(topk_idx_TK, E)
+    xs_MH = x_TH.index_select(0, r.tok_M.long())
+    outs = []
+    for e, xe in enumerate(torch.split(xs_MH, r.counts_E.tolist())):
+        if xe.shape[0]:
+            outs.append(ref.swiglu(xe @ w_gate_up_EHF2[e]) @ w_down_EFH[e])
+    y_MH = torch.cat(outs) if outs else xs_MH.new_zeros(0, x_TH.shape[1])
+    # index_select's backward scatters onto a permutation: no colliding atomics.
+    return _weighted_sum(y_MH.index_select(0, inv_M), topk_weight_TK, x_TH)
+
+
+def moe_experts_grouped_mm(x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH, align: int = 16):
+    """torch._grouped_mm over expert groups (autograd through torch). Each group is padded to a multiple
+    of `align` rows (the kernels' alignment, as torchtitan does) inside a buffer of static size
+    M + E*(align-1) rounded up, so no host sync; the last group also takes the tail. Padding rows copy
+    token 0 (finite, never read back: their gradient is zero)."""
+    E = w_gate_up_EHF2.shape[0]
+    r, inv_M = _rows_and_inverse(topk_idx_TK, E)
+    M = r.num_rows
+    M_pad = -(-(M + E * (align - 1)) // align) * align
+    padded_E = (r.counts_E.long() + align - 1) // align * align
+    ends_E = torch.cumsum(padded_E, 0)
+    expert_M = r.expert_M.long()
+    # sorted row -> padded row: its expert's padded start plus its rank inside the expert.
+    dest_M = (ends_E - padded_E)[expert_M] + torch.arange(M, device=x_TH.device) - r.offsets_E1[:-1].long()[expert_M]
+    offs_E = torch.cat([ends_E[:-1], ends_E.new_full((1,), M_pad)]).to(torch.int32)
+    src_pad = torch.zeros(M_pad, dtype=torch.long, device=x_TH.device)
+    src_pad[dest_M] = r.tok_M.long()
+
+    h_pad = torch._grouped_mm(x_TH.index_select(0, src_pad), w_gate_up_EHF2, offs=offs_E)
+    y_pad = torch._grouped_mm(ref.swiglu(h_pad), w_down_EFH, offs=offs_E)
+    return _weighted_sum(y_pad.index_select(0, dest_M[inv_M]), topk_weight_TK, x_TH)
+
+
+def moe_experts_triton(x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH):
+    """Fused Triton experts (kernels/triton/moe.py) on CUDA, or on CPU when this process runs Triton's
+    interpreter; the reference otherwise."""
+    if not x_TH.is_cuda:
+        mod = None
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            from sail_dist.kernels.triton import moe as mod
+        if mod is None or not mod.INTERPRET:  # (kernels compiled for the GPU cannot take CPU tensors)
+            _log_once("sail_dist gpu OpSet: moe_experts on CPU without the Triton interpreter -> reference")
+            return ref.moe_experts(x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH)
+        return mod.moe_experts(x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH)
+    from sail_dist.kernels.triton.moe import moe_experts
+
+    return moe_experts(x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH)
+
+
+_MOE = {"triton": moe_experts_triton, "grouped_mm": moe_experts_grouped_mm, "loop": moe_experts_loop}
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-entropy with the lm-head inside, chunked over tokens
+# --------------------------------------------------------------------------------------------------
+_CE_CHUNK_BYTES = 1 << 29  # fp32 logits per chunk (512 MiB): ~880 tokens at Qwen3's 151,936 vocab
+
+
+def _ce_chunk(T: int, V: int, chunk_size: int | None) -> int:
+    if chunk_size is None:
+        chunk_size = max(128, (_CE_CHUNK_BYTES // (4 * V)) // 128 * 128)
+    return max(1, min(T, chunk_size))
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """loss[t] = logsumexp(h[t] @ w^T) - (h[t] @ w^T)[labels[t]]  (0 where labels == -100), fp32 math on
+    the logits, never holding more than one [chunk, V] block of them.
+
+    The output is per token, so its incoming gradient is a [T] vector known only in backward: the
+    forward keeps just the per-token logsumexp, and the backward recomputes each chunk's logits
+    (one extra lm-head GEMM) to form softmax - onehot scaled by that gradient."""
+
+    @staticmethod
+    def forward(ctx, h_TD, w_VD, labels_T, chunk_size):
+        T, V = h_TD.shape[0], w_VD.shape[0]
+        cdt = torch.promote_types(h_TD.dtype, torch.float32)
+        C = _ce_chunk(T, V, chunk_size)
+        loss_T = torch.empty(T, dtype=cdt, device=h_TD.device)
+        lse_T = torch.empty(T, dtype=cdt, device=h_TD.device)
+        for s in range(0, T, C):
+            logits = (h_TD[s:s + C] @ w_VD.t()).to(cdt)
+            lab = labels_T[s:s + C]
+            valid = lab != -100
+            lse = torch.logsumexp(logits, dim=-1)
+            tgt = logits.gather(1, torch.where(valid, lab, 0)[:, None]).squeeze(1)
+            loss_T[s:s + C] = torch.where(valid, lse - tgt, 0.0)
+            lse_T[s:s + C] = lse
+        ctx.save_for_backward(h_TD, w_VD, labels_T, lse_T)
+        ctx.chunk = C
+        return loss_T
+
+    @staticmethod
+    def backward(ctx, dloss_T):
+        h_TD, w_VD, labels_T, lse_T = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        T, C = h_TD.shape[0], ctx.chunk
+        dh = torch.empty_like(h_TD) if need_h else None
+        dw = torch.zeros(w_VD.shape, dtype=lse_T.dtype, device=w_VD.device) if need_w else None
+        for s in range(0, T, C):
+            hc = h_TD[s:s + C]
+            lab = labels_T[s:s + C]
+            valid = lab != -100
+            g = torch.where(valid, dloss_T[s:s + C].to(lse_T.dtype), 0.0)
+            # d loss / d logits = softmax - onehot(label), then times the incoming per-token gradient.
+            d_logits = torch.exp((hc @ w_VD.t()).to(lse_T.dtype) - lse_T[s:s + C, None])
+            d_logits.scatter_add_(1, torch.where(valid, lab, 0)[:, None], -valid.to(d_logits.dtype)[:, None])
+            d_logits = (d_logits * g[:, None]).to(h_TD.dtype)
+            if need_h:
+                dh[s:s + C] = d_logits @ w_VD
+            if need_w:
+                dw += (d_logits.t() @ hc).to(dw.dtype)
+        return dh, (dw.to(w_VD.dtype) if need_w else None), None, None
+
+
+def cross_entropy(h_TD: torch.Tensor, w_VD: torch.Tensor, labels_T: torch.Tensor,
+                  chunk_size: int | None = None) -> torch.Tensor:
+    """Per-token fp32 loss [T] of the lm-head projection h @ w^T (see ChunkedLinearCrossEntropy)."""
+    return ChunkedLinearCrossEntropy.apply(h_TD, w_VD, labels_T, chunk_size)
+
+
+# --------------------------------------------------------------------------------------------------
+def opset(moe_impl: str = "triton", attention_impl: str = "auto") -> OpSet:
+    """The GPU OpSet; `moe_impl` picks the experts' implementation so the three compare end to end."""
+    if moe_impl not in _MOE:
+        raise ValueError(f"moe_impl={moe_impl!r}; choose one of {MOE_IMPLS}")
+    _log_once(f"sail_dist gpu OpSet: moe_experts = {moe_impl}")
+    return OpSet(f"gpu[{moe_impl}]", attention=make_attention(attention_impl), rms_norm=ref.rms_norm,
+                 rope=ref.rope, swiglu=ref.swiglu, moe_experts=_MOE[moe_impl], cross_entropy=cross_entropy)

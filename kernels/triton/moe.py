@@ -1,0 +1,682 @@
+"""Fused MoE experts in Triton: grouped GEMMs over expert-sorted tokens, forward and backward.
+
+Computes the OpSet's `moe_experts` (see kernels/opset.py):
+
+    y[t] = sum_j topk_weight[t, j] * swiglu(x[t] @ w_gate_up[e]) @ w_down[e],   e = topk_idx[t, j]
+
+Layout. The M = T*K (token, slot) pairs are sorted by expert ("rows"); expert e owns the contiguous rows
+offsets[e]:offsets[e+1]. Nothing is permuted in memory: kernels read x / dy through the row -> token
+index (`tok_M`) inside their A-operand loads (the permute's gather), and write per-row results straight
+into the [T*K, H] (token, slot) layout through the row -> flat-slot index (`pos_M`) (the unpermute's
+scatter), so the combine is one contiguous `view(T, K, H).sum(1)` (deterministic, no atomics).
+
+Forward (2 grouped GEMMs):
+  1. gate_up:  h_M2F = x[tok] @ w_gate_up[e]          epilogue: act_MF = silu(gate) * up   (h kept for bwd)
+  2. down:     y_(TK)H[pos] = w_r * act @ w_down[e]   epilogue: routing weight, scatter store
+  then y_TH = y_(TK)H.view(T, K, H).sum(1)
+Backward:
+  3. down dgrad:  g_MF = dy[tok] @ w_down[e]^T, then the SwiGLU backward: d_weight[r] = sum_f g * act,
+                  dh = swiglu'(h) * (w_r * g), and act (recomputed from h) for step 6. As the plain
+                  GEMM plus one elementwise pass ("split", the default: faster on the H100), or fused into
+                  the GEMM's epilogue (see `DGRAD_MODE`).
+  4. gate_up dgrad: dx_(TK)H[pos] = dh @ w_gate_up[e]^T   then dx = sum over K
+  5. dW_gate_up[e] = x[tok_e]^T @ dh_e          (reduction over the expert's rows)
+  6. dW_down[e]    = act_e^T @ (w_r * dy[tok_e])
+
+Scheduling. The row-tiled kernels (1-4) find their expert inside the kernel from the offsets (a cumsum of
+ceil(count / BLOCK_M) over experts), so the schedule needs no host sync and follows the autotuned BLOCK_M;
+the grid is the static bound cdiv(M, BLOCK_M) + E tiles and surplus programs return at once. Tiles are
+visited GROUP_M row tiles at a time across all column tiles (the L2 swizzle of Triton's matmul tutorial):
+with the few-experts shape a weight matrix is far larger than L2, and visiting row tiles one by one
+re-read it from HBM per row tile (H100, few-experts gate_up: 349 -> 523 TFLOP/s). Empty experts cost nothing in
+1-4 and get zero weight gradients in 5-6. All accumulation is fp32; inputs may be bf16/fp16 (production)
+or fp32 (tests: the dots then run in IEEE fp32, not tf32). Every kernel writes each element of its output
+exactly once, so autotuning (which reruns kernels) cannot leave stale values behind.
+
+Under TRITON_INTERPRET=1 (CPU CI) every kernel uses one small fixed tile config.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from sail_dist.kernels.triton.moe_routing import Routing, route
+
+__all__ = ["MoEExpertsFunction", "Routing", "dgrad_mode", "moe_experts", "poison_outputs", "route"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Whether this module's kernels were defined for Triton's CPU interpreter (fixed when they are defined;
+# the interpreter also needs TRITON_INTERPRET=1 while they run).
+INTERPRET = _interpreting()
+
+
+# --------------------------------------------------------------------------------------------------
+# Tile configs. Kept small on purpose: every config is a compile (seconds) plus a benchmark per key.
+# SAIL_MOE_AUTOTUNE=0 uses the first config of each list (quick GPU tests).
+# --------------------------------------------------------------------------------------------------
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+def _configs(gpu_list):
+    if INTERPRET:
+        return [_cfg(16, 16, 16, 1, 1)]
+    if os.environ.get("SAIL_MOE_AUTOTUNE", "1") == "0":
+        return gpu_list[:1]
+    return gpu_list
+
+
+# The first config of each list is the SAIL_MOE_AUTOTUNE=0 one and is also the fp32 (test) workhorse on
+# a GPU: keep it at most 128x128 (a 128x256 fp32 IEEE tile takes minutes to compile).
+# Row-tiled GEMMs: BLOCK_M rows x BLOCK_N output columns; K = the hidden (or FFN) dim.
+# (H100 runs: 128x256/8 warps won for every bf16 shape; 64x128 never did and was dropped.)
+_ROW_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(128, 128, 64, 4, 4),
+]
+# The gate_up kernel carries two accumulators (gate and up columns), so BLOCK_N is per half.
+_GATE_UP_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(128, 64, 64, 8, 4),
+]
+_DGRAD_SWIGLU_CONFIGS = [
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(128, 128, 64, 8, 3),
+]
+# Weight gradients: BLOCK_M x BLOCK_N of one expert's [MO, NO] gradient; K = that expert's rows.
+_WGRAD_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(128, 128, 32, 4, 4),
+]
+GROUP_M = 8  # row tiles visited together (L2 reuse of the weight tiles)
+
+_EVEN = {
+    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
+    "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr):
+    """acc += a @ b. DOT_PREC "upcast" (interpreter only) feeds fp32 copies: Triton's CPU interpreter
+    multiplies bf16 operands as their raw 16-bit integers; bf16 -> fp32 is exact, so results match."""
+    if DOT_PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _swizzle(pid, num_m, num_n, GROUP: tl.constexpr):
+    """Program id -> (tile row, tile column), GROUP tile rows at a time across all tile columns."""
+    width = GROUP * num_n
+    group = pid // width
+    first_m = group * GROUP
+    size_m = tl.minimum(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _row_tile_schedule(M, N, offsets_ptr, E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """This program's (expert, first row, end row, column tile) with row tiles laid out expert after
+    expert: tiles_e = ceil(count_e / BLOCK_M); a tile belongs to the first expert whose inclusive
+    cumulative tile count exceeds its index (empty experts own none). Surplus tiles get no rows."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_m = tl.cdiv(M, BLOCK_M) + E
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_m, num_n, GROUP)
+    e_idx = tl.arange(0, E_PAD)
+    starts = tl.load(offsets_ptr + e_idx, mask=e_idx < E, other=0)
+    ends = tl.load(offsets_ptr + e_idx + 1, mask=e_idx < E, other=0)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.cumsum(tiles, 0)
+    expert = tl.sum((tiles_end <= pid_m).to(tl.int32), 0)
+    tiles_before = tl.sum(tl.where(e_idx < expert, tiles, 0), 0)
+    valid = expert < E
+    expert = tl.minimum(expert, E - 1)
+    row_start = tl.load(offsets_ptr + expert) + (pid_m - tiles_before) * BLOCK_M
+    row_end = tl.load(offsets_ptr + expert + 1)
+    row_end = tl.where(valid, row_end, row_start)
+    return expert, row_start, row_end, pid_n
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+@triton.autotune(configs=_configs(_GATE_UP_CONFIGS), key=["N", "K"])
+@triton.heuristics(_EVEN)
+@triton.jit
+def _gate_up_swiglu_fwd_kernel(
+    x_ptr, w_ptr, h_ptr, act_ptr, tok_ptr, offsets_ptr,
+    M, N, K,  # N = F (columns per half), K = hidden
+    stride_xm, stride_we, stride_wk, stride_wn, stride_hm, stride_am,
+    E: tl.constexpr, E_PAD: tl.constexpr, GROUP: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """h[r] = x[tok[r]] @ w[e] (gate columns n and up columns N + n in one program) and
+    act[r, n] = silu(gate) * up, both from the rounded h so backward recomputes exactly this act."""
+    expert, row_start, row_end, pid_n = _row_tile_schedule(M, N, offsets_ptr, E, E_PAD, BLOCK_M, BLOCK_N, GROUP)
+    if row_start >= row_end:
+        return
+
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    # Clamp instead of masking: surplus rows re-read a valid row, are computed and never stored, which
+    # keeps masks out of the inner loop.
+    src = tl.load(tok_ptr + tl.minimum(rows, row_end - 1)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    if EVEN_N:
+        offs_n_ld = offs_n
+    else:  # (a where() loses the contiguity the vectorised loads need: only on ragged shapes)
+        offs_n_ld = tl.where(n_mask, offs_n, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = x_ptr + src[:, None] * stride_xm + offs_k[None, :]
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    bg_ptrs = w_base + offs_k[:, None] * stride_wk + offs_n_ld[None, :] * stride_wn
+    bu_ptrs = bg_ptrs + N * stride_wn
+
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            bg = tl.load(bg_ptrs)
+            bu = tl.load(bu_ptrs)
+        else:
+            k_mask = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            bg = tl.load(bg_ptrs, mask=k_mask[:, None], other=0.0)
+            bu = tl.load(bu_ptrs, mask=k_mask[:, None], other=0.0)
+        acc_g = _dot(a, bg, acc_g, DOT_PREC)
+        acc_u = _dot(a, bu, acc_u, DOT_PREC)
+        a_ptrs += BLOCK_K
+        bg_ptrs += BLOCK_K * stride_wk
+        bu_ptrs += BLOCK_K * stride_wk
+
+    g = acc_g.to(h_ptr.dtype.element_ty)
+    u = acc_u.to(h_ptr.dtype.element_ty)
+    mask = row_mask[:, None] & n_mask[None, :]
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, g, mask=mask)
+    tl.store(h_ptrs + N, u, mask=mask)
+    gf = g.to(tl.float32)
+    act = gf * tl.sigmoid(gf) * u.to(tl.float32)
+    tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :],
+             act.to(act_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_configs(_ROW_CONFIGS), key=["N", "K"])
+@triton.heuristics(_EVEN)
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, w_ptr, out_ptr, scale_ptr, a_idx_ptr, out_idx_ptr, offsets_ptr,
+    M, N, K,
+    stride_am, stride_we, stride_wk, stride_wn, stride_om,
+    E: tl.constexpr, E_PAD: tl.constexpr, GROUP: tl.constexpr, GATHER_A: tl.constexpr,
+    SCATTER_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """out[o(r)] = scale[r] * (a[i(r)] @ W[e]) for the expert-sorted rows r, where i(r) = a_idx[r] when
+    GATHER_A (else r) and o(r) = out_idx[r] when SCATTER_OUT (else r).
+
+    W[e] is addressed through (stride_wk, stride_wn), so one kernel runs the forward down GEMM
+    (W = w_down[e]), the backward gate_up dgrad (W = w_gate_up[e]^T) and the split down dgrad
+    (W = w_down[e]^T, A = dy gathered)."""
+    expert, row_start, row_end, pid_n = _row_tile_schedule(M, N, offsets_ptr, E, E_PAD, BLOCK_M, BLOCK_N, GROUP)
+    if row_start >= row_end:
+        return
+
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    rows_ld = tl.minimum(rows, row_end - 1).to(tl.int64)
+    if GATHER_A:
+        src = tl.load(a_idx_ptr + rows_ld).to(tl.int64)
+    else:
+        src = rows_ld
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    if EVEN_N:
+        offs_n_ld = offs_n
+    else:
+        offs_n_ld = tl.where(n_mask, offs_n, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = a_ptr + src[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n_ld[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_mask = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = _dot(a, b, acc, DOT_PREC)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_wk
+
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + rows_ld).to(tl.float32)
+        acc = acc * scale[:, None]
+    if SCATTER_OUT:
+        dst = tl.load(out_idx_ptr + rows_ld).to(tl.int64)
+    else:
+        dst = rows.to(tl.int64)
+    tl.store(out_ptr + dst[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.autotune(configs=_configs(_DGRAD_SWIGLU_CONFIGS), key=["N", "K"])
+@triton.heuristics(_EVEN)
+@triton.jit
+def _down_dgrad_swiglu_bwd_kernel(
+    dy_ptr, w_ptr, h_ptr, scale_ptr, tok_ptr, offsets_ptr,
+    dh_ptr, act_ptr, dscale_part_ptr,
+    M, N, K, PART_ROWS,  # N = F, K = hidden; PART_ROWS = rows of the d_scale partials buffer
+    stride_dym, stride_we, stride_wk, stride_wn, stride_hm, stride_dhm, stride_am,
+    E: tl.constexpr, E_PAD: tl.constexpr, GROUP: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """g = dy[tok[r]] @ w_down[e]^T (the gradient of the expert output before the routing weight), then:
+      d_scale partial[pid_n, r] = sum_n g * act      (summed over column tiles by the caller)
+      dh[r] = [d_act * up * silu'(gate), d_act * silu(gate)],  d_act = scale[r] * g
+      act[r] = silu(gate) * up                       (recomputed from h; the dW_down operand)
+    The partials buffer has PART_ROWS >= cdiv(N, BLOCK_N) rows for every config; column tile 0 zeroes the
+    rows this config does not use, so a previous config's partials (autotuning) never leak in."""
+    expert, row_start, row_end, pid_n = _row_tile_schedule(M, N, offsets_ptr, E, E_PAD, BLOCK_M, BLOCK_N, GROUP)
+    if row_start >= row_end:
+        return
+
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    rows_ld = tl.minimum(rows, row_end - 1).to(tl.int64)
+    src = tl.load(tok_ptr + rows_ld).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    if EVEN_N:
+        offs_n_ld = offs_n
+    else:
+        offs_n_ld = tl.where(n_mask, offs_n, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = dy_ptr + src[:, None] * stride_dym + offs_k[None, :]
+    b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n_ld[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_mask = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = _dot(a, b, acc, DOT_PREC)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_wk
+
+    mask = row_mask[:, None] & n_mask[None, :]
+    h_ptrs = h_ptr + rows_ld[:, None] * stride_hm + offs_n_ld[None, :]
+    gate = tl.load(h_ptrs).to(tl.float32)
+    up = tl.load(h_ptrs + N).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    # The routing-weight gradient uses the same (rounded) act as the forward down GEMM's operand.
+    act_lp = (silu * up).to(act_ptr.dtype.element_ty)
+    tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :], act_lp, mask=mask)
+    d_scale = tl.sum(tl.where(mask, acc * act_lp.to(tl.float32), 0.0), 1)
+    tl.store(dscale_part_ptr + pid_n.to(tl.int64) * M + rows, d_scale, mask=row_mask)
+    if pid_n == 0:
+        for j in range(tl.cdiv(N, BLOCK_N), PART_ROWS):
+            tl.store(dscale_part_ptr + j * M + rows, tl.zeros((BLOCK_M,), tl.float32), mask=row_mask)
+
+    scale = tl.load(scale_ptr + rows_ld).to(tl.float32)
+    d_act = acc * scale[:, None]
+    dh_ptrs = dh_ptr + rows.to(tl.int64)[:, None] * stride_dhm + offs_n[None, :]
+    tl.store(dh_ptrs + N, (d_act * silu).to(dh_ptr.dtype.element_ty), mask=mask)
+    d_gate = d_act * up * sig * (1.0 + gate * (1.0 - sig))
+    tl.store(dh_ptrs, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    g_ptr, h_ptr, scale_ptr, dh_ptr, act_ptr, dscale_ptr,
+    M, F, stride_gm, stride_hm, stride_dhm, stride_am,
+    BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """The split path's elementwise half of step 3, one pass over rows: from g = dy[tok] @ w_down^T and
+    h, write act, dh and the full-row d_scale (no partials)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < M
+    rows64 = rows.to(tl.int64)
+    scale = tl.load(scale_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32)
+    d_scale = tl.zeros((BLOCK_R,), tl.float32)
+    for f0 in range(0, F, BLOCK_F):
+        cols = f0 + tl.arange(0, BLOCK_F)
+        mask = row_mask[:, None] & (cols < F)[None, :]
+        g = tl.load(g_ptr + rows64[:, None] * stride_gm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :]
+        gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        act_lp = (silu * up).to(act_ptr.dtype.element_ty)
+        tl.store(act_ptr + rows64[:, None] * stride_am + cols[None, :], act_lp, mask=mask)
+        d_scale += tl.sum(g * act_lp.to(tl.float32), 1)
+        d_act = g * scale[:, None]
+        dh_ptrs = dh_ptr + rows64[:, None] * stride_dhm + cols[None, :]
+        tl.store(dh_ptrs + F, (d_act * silu).to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh_ptrs, (d_act * up * sig * (1.0 + gate * (1.0 - sig))).to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dscale_ptr + rows64, d_scale, mask=row_mask)
+
+
+@triton.autotune(configs=_configs(_WGRAD_CONFIGS), key=["MO", "NO"])
+@triton.heuristics({"EVEN_MO": lambda a: a["MO"] % a["BLOCK_M"] == 0,
+                    "EVEN_NO": lambda a: a["NO"] % a["BLOCK_N"] == 0})
+@triton.jit
+def _grouped_wgrad_kernel(
+    a_ptr, b_ptr, dw_ptr, a_idx_ptr, b_idx_ptr, b_scale_ptr, offsets_ptr,
+    MO, NO,  # dW[e] is [MO, NO]: MO = columns of a, NO = columns of b
+    stride_am, stride_bm, stride_we, stride_wk,
+    GROUP: tl.constexpr, GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_B: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_MO: tl.constexpr, EVEN_NO: tl.constexpr,
+):
+    """dW[e] = A[rows_e]^T @ (b_scale * B)[rows_e], the reduction running over expert e's rows.
+
+    A (and/or B) rows may be read through an index (x[tok], dy[tok]); B rows may be scaled (routing
+    weight). One program per (expert, output tile), experts outermost so one expert's rows stay in L2;
+    an empty expert writes its zero gradient."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(MO, BLOCK_M)
+    tiles_n = tl.cdiv(NO, BLOCK_N)
+    expert = pid // (tiles_m * tiles_n)
+    pid_m, pid_n = _swizzle(pid % (tiles_m * tiles_n), tiles_m, tiles_n, GROUP)
+    row_start = tl.load(offsets_ptr + expert)
+    row_end = tl.load(offsets_ptr + expert + 1)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < MO
+    n_mask = offs_n < NO
+    # First H100 run: with where() here on every shape the loads lost their contiguity and the kernel
+    # ran at 46 TFLOP/s; only ragged shapes pay for it now.
+    if EVEN_MO:
+        offs_m_ld = offs_m
+    else:
+        offs_m_ld = tl.where(m_mask, offs_m, 0)
+    if EVEN_NO:
+        offs_n_ld = offs_n
+    else:
+        offs_n_ld = tl.where(n_mask, offs_n, 0)
+    offs_r = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_K):
+        rows = r0 + offs_r
+        r_mask = rows < row_end
+        rows_ld = tl.minimum(rows, row_end - 1)
+        if GATHER_A:
+            a_rows = tl.load(a_idx_ptr + rows_ld).to(tl.int64)
+        else:
+            a_rows = rows_ld.to(tl.int64)
+        if GATHER_B:
+            b_rows = tl.load(b_idx_ptr + rows_ld).to(tl.int64)
+        else:
+            b_rows = rows_ld.to(tl.int64)
+        # A^T tile [BLOCK_M, BLOCK_K]: contiguous along the output's M dim.
+        a = tl.load(a_ptr + a_rows[None, :] * stride_am + offs_m_ld[:, None], mask=r_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + b_rows[:, None] * stride_bm + offs_n_ld[None, :], mask=r_mask[:, None], other=0.0)
+        if SCALE_B:
+            s = tl.load(b_scale_ptr + rows_ld).to(tl.float32)
+            b = (b.to(tl.float32) * s[:, None]).to(b_ptr.dtype.element_ty)
+        acc = _dot(a, b, acc, DOT_PREC)
+
+    dw_ptrs = dw_ptr + expert.to(tl.int64) * stride_we + offs_m.to(tl.int64)[:, None] * stride_wk + offs_n[None, :]
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# Output poisoning (tests, benchmark): buffers the kernels must fully write start as NaN.
+# --------------------------------------------------------------------------------------------------
+_POISON = False
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True):
+    """Within this context every buffer a kernel must fully overwrite is NaN-filled before the launch,
+    so an element a kernel forgot to write shows up as NaN in the result instead of stale memory."""
+    global _POISON
+    old, _POISON = _POISON, enabled
+    try:
+        yield
+    finally:
+        _POISON = old
+
+
+def _out(shape, dtype, device) -> torch.Tensor:
+    if _POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers (each returns what its kernel writes; public for the benchmark's per-stage breakdown)
+# --------------------------------------------------------------------------------------------------
+def _dot_prec(dtype: torch.dtype) -> str:
+    if INTERPRET:
+        return "upcast"
+    # fp32 inputs are the test path: keep them exact rather than tf32 (ignored for 16-bit inputs).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _row_grid(M: int, E: int, N: int):
+    return lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+
+def _common(r: Routing, dtype) -> dict:
+    E = r.num_experts
+    return dict(E=E, E_PAD=triton.next_power_of_2(E), GROUP=GROUP_M, DOT_PREC=_dot_prec(dtype))
+
+
+def gate_up_fwd(x_TH, w_EHF2, r: Routing):
+    """-> (h_M2F pre-activation, act_MF = swiglu(h)); rows in expert-sorted order."""
+    E, H, F2 = w_EHF2.shape
+    F, M = F2 // 2, r.num_rows
+    h_MF2 = _out((M, F2), x_TH.dtype, x_TH.device)
+    act_MF = _out((M, F), x_TH.dtype, x_TH.device)
+    if M:
+        _gate_up_swiglu_fwd_kernel[_row_grid(M, E, F)](
+            x_TH, w_EHF2, h_MF2, act_MF, r.tok_M, r.offsets_E1, M, F, H,
+            x_TH.stride(0), w_EHF2.stride(0), w_EHF2.stride(1), w_EHF2.stride(2), h_MF2.stride(0),
+            act_MF.stride(0), **_common(r, x_TH.dtype))
+    return h_MF2, act_MF
+
+
+def grouped_gemm(a, w_EKN, r: Routing, out_rows: int, scale_M=None, transpose_w=False, gather_a=False,
+                 scatter_out=False):
+    """out[o(r)] = scale[r] * a[i(r)] @ W[e], W = w_EKN[e] ([K, N]) or w_EKN[e]^T when transpose_w (then
+    w_EKN is [E, N, K]); i(r) = tok[r] if gather_a else r; o(r) = pos[r] if scatter_out else r."""
+    K = a.shape[1]
+    E, M = w_EKN.shape[0], r.num_rows
+    if transpose_w:
+        N, s_wk, s_wn = w_EKN.shape[1], w_EKN.stride(2), w_EKN.stride(1)
+    else:
+        N, s_wk, s_wn = w_EKN.shape[2], w_EKN.stride(1), w_EKN.stride(2)
+    out = _out((out_rows, N), a.dtype, a.device)
+    if M:
+        _grouped_gemm_kernel[_row_grid(M, E, N)](
+            a, w_EKN, out, scale_M if scale_M is not None else a, r.tok_M, r.pos_M, r.offsets_E1,
+            M, N, K, a.stride(0), w_EKN.stride(0), s_wk, s_wn, out.stride(0),
+            GATHER_A=gather_a, SCATTER_OUT=scatter_out, HAS_SCALE=scale_M is not None, **_common(r, a.dtype))
+    return out
+
+
+# Rows of the d_scale partials: enough for the narrowest config. (Under the interpreter, narrower than its
+# one config, so the zero-filling of unused rows is exercised by the CPU tests.)
+_PART_ROWS_BLOCK_N = 8 if INTERPRET else min(c.kwargs["BLOCK_N"] for c in _DGRAD_SWIGLU_CONFIGS)
+
+
+def down_dgrad_fused(dy_TH, w_EFH, h_MF2, scale_M, r: Routing):
+    """Step 3 in one kernel -> (dh_M2F, act_MF, d_scale_M fp32)."""
+    E, F, H = w_EFH.shape
+    M = r.num_rows
+    dh_MF2 = _out((M, 2 * F), dy_TH.dtype, dy_TH.device)
+    act_MF = _out((M, F), dy_TH.dtype, dy_TH.device)
+    part_rows = triton.cdiv(F, _PART_ROWS_BLOCK_N)
+    part_NM = _out((part_rows, M), torch.float32, dy_TH.device)
+    if M:
+        _down_dgrad_swiglu_bwd_kernel[_row_grid(M, E, F)](
+            dy_TH, w_EFH, h_MF2, scale_M, r.tok_M, r.offsets_E1, dh_MF2, act_MF, part_NM,
+            M, F, H, part_rows, dy_TH.stride(0), w_EFH.stride(0), w_EFH.stride(2), w_EFH.stride(1),
+            h_MF2.stride(0), dh_MF2.stride(0), act_MF.stride(0), **_common(r, dy_TH.dtype))
+    return dh_MF2, act_MF, part_NM.sum(0)
+
+
+def down_dgrad_split(dy_TH, w_EFH, h_MF2, scale_M, r: Routing):
+    """Step 3 as the plain grouped GEMM g = dy[tok] @ w_down^T plus one elementwise SwiGLU-backward pass
+    -> (dh_M2F, act_MF, d_scale_M fp32)."""
+    F, M = w_EFH.shape[1], r.num_rows
+    g_MF = grouped_gemm(dy_TH, w_EFH, r, M, transpose_w=True, gather_a=True)
+    dh_MF2 = _out((M, 2 * F), dy_TH.dtype, dy_TH.device)
+    act_MF = _out((M, F), dy_TH.dtype, dy_TH.device)
+    dscale_M = _out((M,), torch.float32, dy_TH.device)
+    if M:
+        block_r = 16
+        _swiglu_bwd_kernel[(triton.cdiv(M, block_r),)](
+            g_MF, h_MF2, scale_M, dh_MF2, act_MF, dscale_M, M, F, g_MF.stride(0), h_MF2.stride(0),
+            dh_MF2.stride(0), act_MF.stride(0), BLOCK_R=block_r, BLOCK_F=16 if INTERPRET else 256,
+            num_warps=4)
+    return dh_MF2, act_MF, dscale_M
+
+
+# "split" | "fused" | "auto" (CUDA: time both once per shape, on the first backward, and keep the faster;
+# elsewhere "fused"). On the H100 the fused kernel's epilogue sinks it to 166-258 TFLOP/s against 321-444
+# for split, and "auto" chose split for every benchmark shape: split is the default, so no backward pays
+# for a measurement (or syncs, which CUDA-graph capture would not allow).
+DGRAD_MODE = os.environ.get("SAIL_MOE_DGRAD", "split")
+_dgrad_choice: dict = {}
+
+
+def dgrad_mode(dy_TH, w_EFH, h_MF2, scale_M, r: Routing) -> str:
+    """The down-dgrad variant used for this shape (measured on the first call when DGRAD_MODE == "auto")."""
+    if DGRAD_MODE != "auto":
+        return DGRAD_MODE
+    if not dy_TH.is_cuda:
+        return "fused"
+    key = (tuple(w_EFH.shape), dy_TH.dtype, dy_TH.device.index, r.num_rows // 4096)
+    if key not in _dgrad_choice:
+        from triton.testing import do_bench
+
+        with poison_outputs(False):
+            times = {}
+            for mode, fn in (("fused", down_dgrad_fused), ("split", down_dgrad_split)):
+                fn(dy_TH, w_EFH, h_MF2, scale_M, r)  # compile + autotune outside the timing
+                times[mode] = do_bench(lambda fn=fn: fn(dy_TH, w_EFH, h_MF2, scale_M, r), warmup=5, rep=25)
+        _dgrad_choice[key] = min(times, key=times.get)
+    return _dgrad_choice[key]
+
+
+def down_dgrad(dy_TH, w_EFH, h_MF2, scale_M, r: Routing):
+    fn = down_dgrad_split if dgrad_mode(dy_TH, w_EFH, h_MF2, scale_M, r) == "split" else down_dgrad_fused
+    return fn(dy_TH, w_EFH, h_MF2, scale_M, r)
+
+
+def grouped_wgrad(a, b, r: Routing, dtype, a_idx=None, b_idx=None, b_scale=None):
+    """dW[e] = a[rows_e]^T @ (b_scale * b)[rows_e] -> [E, a.shape[1], b.shape[1]]; rows read through
+    a_idx / b_idx when given (a[a_idx[row]])."""
+    E = r.num_experts
+    MO, NO = a.shape[1], b.shape[1]
+    dw = _out((E, MO, NO), dtype, a.device)
+    grid = lambda meta: (E * triton.cdiv(MO, meta["BLOCK_M"]) * triton.cdiv(NO, meta["BLOCK_N"]),)
+    _grouped_wgrad_kernel[grid](
+        a, b, dw, a_idx if a_idx is not None else r.tok_M, b_idx if b_idx is not None else r.tok_M,
+        b_scale if b_scale is not None else b, r.offsets_E1, MO, NO,
+        a.stride(0), b.stride(0), dw.stride(0), dw.stride(1),
+        GROUP=GROUP_M, GATHER_A=a_idx is not None, GATHER_B=b_idx is not None, SCALE_B=b_scale is not None,
+        DOT_PREC=_dot_prec(a.dtype))
+    return dw
+
+
+def combine(y_MH: torch.Tensor, T: int, K: int) -> torch.Tensor:
+    """[T*K, H] in (token, slot) order -> [T, H]: the unpermute is a contiguous sum over the slots."""
+    H = y_MH.shape[1]
+    return y_MH.view(T, K, H).sum(1) if K > 1 else y_MH.view(T, H)
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------------
+class MoEExpertsFunction(torch.autograd.Function):
+    """Fused experts with a hand-written backward. Saves x, the weights, the routing and h (the
+    [T*K, 2F] pre-activation); act is recomputed by the backward's first kernel."""
+
+    @staticmethod
+    def forward(ctx, x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH):
+        T, K = topk_idx_TK.shape
+        E = w_gate_up_EHF2.shape[0]
+        x_TH = x_TH.contiguous()
+        w_gate_up_EHF2 = w_gate_up_EHF2.contiguous()
+        w_down_EFH = w_down_EFH.contiguous()
+        r = route(topk_idx_TK, E)
+        scale_M = topk_weight_TK.reshape(-1).index_select(0, r.perm_M)
+
+        h_MF2, act_MF = gate_up_fwd(x_TH, w_gate_up_EHF2, r)
+        y_MH = grouped_gemm(act_MF, w_down_EFH, r, T * K, scale_M=scale_M, scatter_out=True)
+        y_TH = combine(y_MH, T, K)
+
+        ctx.save_for_backward(x_TH, w_gate_up_EHF2, w_down_EFH, h_MF2, scale_M, r.offsets_E1, r.pos_M,
+                              r.tok_M, r.expert_M, r.perm_M)
+        ctx.shape = (T, K)
+        ctx.weight_dtype = topk_weight_TK.dtype
+        return y_TH
+
+    @staticmethod
+    def backward(ctx, dy_TH):
+        x_TH, w_gu, w_dn, h_MF2, scale_M, offsets_E1, pos_M, tok_M, expert_M, perm_M = ctx.saved_tensors
+        T, K = ctx.shape
+        r = Routing(offsets_E1, pos_M, tok_M, expert_M, perm_M)
+        need_x, _, need_w, need_gu, need_dn = ctx.needs_input_grad
+        dy_TH = dy_TH.contiguous().to(x_TH.dtype)
+
+        dh_MF2, act_MF, dscale_M = down_dgrad(dy_TH, w_dn, h_MF2, scale_M, r)
+        dx = d_weight = d_gu = d_dn = None
+        if need_x:
+            dx = combine(grouped_gemm(dh_MF2, w_gu, r, T * K, transpose_w=True, scatter_out=True), T, K)
+        if need_w:
+            d_weight = torch.empty(T * K, dtype=torch.float32, device=dy_TH.device)
+            d_weight[perm_M] = dscale_M
+            d_weight = d_weight.view(T, K).to(ctx.weight_dtype)
+        if need_gu:
+            d_gu = grouped_wgrad(x_TH, dh_MF2, r, w_gu.dtype, a_idx=tok_M)
+        if need_dn:
+            d_dn = grouped_wgrad(act_MF, dy_TH, r, w_dn.dtype, b_idx=tok_M, b_scale=scale_M)
+        return dx, None, d_weight, d_gu, d_dn
+
+
+def moe_experts(x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                w_gate_up_EHF2: torch.Tensor, w_down_EFH: torch.Tensor) -> torch.Tensor:
+    """The OpSet's moe_experts on the Triton kernels (CUDA tensors, or CPU under TRITON_INTERPRET=1)."""
+    return MoEExpertsFunction.apply(x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH)

@@ -1,0 +1,58 @@
+"""Expert-sorted routing metadata for MoE kernels (pure torch, no host sync).
+
+Shared by the Triton experts and the torch (loop / grouped_mm) implementations in kernels/gpu.py; kept
+apart from moe.py so that using it never defines Triton kernels (whose interpret-or-compile mode is fixed
+when they are defined). Few launches on purpose: on an H100 the first version (int64 sort, scatter_add
+counts, several casts) cost 0.3 ms per call, mostly launch overhead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Routing", "route"]
+
+
+@dataclass
+class Routing:
+    """The expert-sorted view of the M = T*K (token, slot) pairs. All on the routing's device.
+
+    offsets_E1: int32 [E+1]  expert e owns sorted rows offsets[e]:offsets[e+1]
+    pos_M:      int32 [M]    sorted row -> flat slot t*K + k (where its output goes in [T*K, H])
+    tok_M:      int32 [M]    sorted row -> token t (where its input comes from in x[T, H])
+    expert_M:   int32 [M]    sorted row -> expert (non-decreasing)
+    perm_M:     int64 [M]    pos_M as int64 (torch indexing)
+    """
+    offsets_E1: torch.Tensor
+    pos_M: torch.Tensor
+    tok_M: torch.Tensor
+    expert_M: torch.Tensor
+    perm_M: torch.Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return self.offsets_E1.numel() - 1
+
+    @property
+    def num_rows(self) -> int:
+        return self.pos_M.numel()
+
+    @property
+    def counts_E(self) -> torch.Tensor:
+        return self.offsets_E1[1:] - self.offsets_E1[:-1]
+
+
+def route(topk_idx_TK: torch.Tensor, num_experts: int) -> Routing:
+    """Sort the (token, slot) pairs by expert (stable: rows of one expert keep token order, so results
+    are deterministic). Expert ids must lie in [0, num_experts)."""
+    K = topk_idx_TK.shape[1]
+    keys_M = topk_idx_TK.reshape(-1)
+    if keys_M.dtype != torch.int32:
+        keys_M = keys_M.to(torch.int32)  # 32-bit radix sort: half the passes of int64
+    expert_M, perm_M = torch.sort(keys_M, stable=True)
+    bounds = torch.arange(num_experts + 1, dtype=torch.int32, device=keys_M.device)
+    offsets_E1 = torch.searchsorted(expert_M, bounds, out_int32=True)
+    pos_M = perm_M.to(torch.int32)
+    return Routing(offsets_E1=offsets_E1, pos_M=pos_M, tok_M=torch.div(pos_M, K, rounding_mode="floor"),
+                   expert_M=expert_M, perm_M=perm_M)

@@ -1,0 +1,312 @@
+"""MoE experts benchmark (issue 6): per-expert loop vs torch._grouped_mm vs the fused Triton kernels.
+
+    python -m sail_dist.bench.moe [--shapes a3b_8k,a3b_16k,few_8k] [--impls loop,grouped_mm,triton]
+                                  [--no-breakdown] [--json PATH]
+
+Needs a CUDA GPU. For each shape: forward and forward+backward time (median, triton.testing.do_bench)
+and TFLOP/s (forward = 2*T*K*H*3F; forward+backward counted as 3x that), the correctness of each fast
+implementation in bf16 against an fp32 reference (relative Frobenius error of the output and of all four
+gradients, with every kernel-written buffer NaN-poisoned first so an unwritten element fails), a per-kernel
+breakdown of ours, and a plain bf16 matmul ceiling measured in the same run. A table, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+SHAPES = {
+    # name: (T, H, F, E, K)
+    "a3b_8k": (8192, 2048, 768, 128, 8),
+    "a3b_16k": (16384, 2048, 768, 128, 8),
+    "few_8k": (8192, 4096, 14336, 8, 2),
+    "tiny": (64, 32, 16, 8, 2),  # --cpu-smoke only
+}
+DEVICE = "cuda"
+REL_TOL_BF16 = 1e-2
+
+
+def _bench(fn, grad_to_none=None) -> float:
+    if DEVICE == "cpu":  # --cpu-smoke: exercise the script, not the timings
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return sorted(times)[1]
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def _inputs(T, H, F, E, K, dtype, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(T, H, device=DEVICE, generator=g).to(dtype)
+    logits = torch.randn(T, E, device=DEVICE, generator=g)
+    w, idx = torch.softmax(logits, -1).topk(K, dim=-1)
+    w = (w / w.sum(-1, keepdim=True)).to(dtype)  # norm_topk_prob, in x.dtype as the model's router gives
+    wgu = (torch.randn(E, H, 2 * F, device=DEVICE, generator=g) / math.sqrt(H)).to(dtype)
+    wd = (torch.randn(E, F, H, device=DEVICE, generator=g) / math.sqrt(F)).to(dtype)
+    dy = torch.randn(T, H, device=DEVICE, generator=g).to(dtype)
+    return x, idx, w, wgu, wd, dy
+
+
+def _fwd_bwd(fn, x, idx, w, wgu, wd, dy):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, wgu, wd)]
+    y = fn(leaves[0], idx, leaves[1], leaves[2], leaves[3])
+    y.backward(dy)
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    if torch.isnan(a).any():
+        return float("nan")
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _colmajor(w_EKN: torch.Tensor) -> torch.Tensor:
+    """Same values and logical shape [E, K, N], stored with K contiguous."""
+    return w_EKN.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def matmul_ceiling() -> float:
+    n = 8192 if DEVICE == "cuda" else 256
+    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    ms = _bench(lambda: a @ b)
+    return 2 * n ** 3 / ms / 1e9
+
+
+def _check(fn, inputs, ref_outs, poison) -> dict:
+    import contextlib
+
+    from sail_dist.kernels.triton import moe as tmoe
+
+    ctx = tmoe.poison_outputs() if poison else contextlib.nullcontext()
+    with ctx:
+        outs = _fwd_bwd(fn, *inputs)
+    errs = {k: _rel(o, r) for k, o, r in zip(("y", "dx", "dw_topk", "dw_gate_up", "dw_down"), outs, ref_outs)}
+    # Triton's CPU interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest): --cpu-smoke
+    # checks the plumbing with a looser bound.
+    tol = REL_TOL_BF16 if DEVICE == "cuda" else 3e-2
+    errs["ok"] = all(e <= tol for e in errs.values())  # NaN compares False
+    return errs
+
+
+def _breakdown(x, idx, w, wgu, wd, dy) -> dict:
+    """Time each stage of ours on its own (ms, TFLOP/s) with the routing precomputed."""
+    from sail_dist.kernels.triton import moe as tmoe
+
+    T, K = idx.shape
+    E, H, F2 = wgu.shape
+    F, M = F2 // 2, T * K
+    r = tmoe.route(idx, E)
+    scale = w.reshape(-1).index_select(0, r.perm_M)
+    h, act = tmoe.gate_up_fwd(x, wgu, r)
+    y_MH = tmoe.grouped_gemm(act, wd, r, M, scale_M=scale, scatter_out=True)
+    dh, act2, _ = tmoe.down_dgrad_fused(dy, wd, h, scale, r)
+    g = tmoe.grouped_gemm(dy, wd, r, M, transpose_w=True, gather_a=True)
+    stages = {
+        "route": (lambda: tmoe.route(idx, E), 0),
+        "fwd_gate_up_swiglu": (lambda: tmoe.gate_up_fwd(x, wgu, r), 2 * M * H * F2),
+        "fwd_down_scatter": (lambda: tmoe.grouped_gemm(act, wd, r, M, scale_M=scale, scatter_out=True),
+                             2 * M * F * H),
+        "fwd_combine": (lambda: tmoe.combine(y_MH, T, K), 0),
+        "bwd_down_dgrad_fused": (lambda: tmoe.down_dgrad_fused(dy, wd, h, scale, r), 2 * M * H * F),
+        "bwd_down_dgrad_split": (lambda: tmoe.down_dgrad_split(dy, wd, h, scale, r), 2 * M * H * F),
+        "  split: gemm only": (lambda: tmoe.grouped_gemm(dy, wd, r, M, transpose_w=True, gather_a=True),
+                               2 * M * H * F),
+        "bwd_gate_up_dgrad": (lambda: tmoe.grouped_gemm(dh, wgu, r, M, transpose_w=True, scatter_out=True),
+                              2 * M * F2 * H),
+        "bwd_wgrad_gate_up": (lambda: tmoe.grouped_wgrad(x, dh, r, wgu.dtype, a_idx=r.tok_M), 2 * M * H * F2),
+        "bwd_wgrad_down": (lambda: tmoe.grouped_wgrad(act2, dy, r, wd.dtype, b_idx=r.tok_M, b_scale=scale),
+                           2 * M * F * H),
+    }
+    del g
+    out = {}
+    for name, (fn, flops) in stages.items():
+        ms = _bench(fn)
+        out[name] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1) if flops else None}
+    out["dgrad_mode_chosen"] = tmoe.dgrad_mode(dy, wd, h, scale, r)
+    # The L2 swizzle's effect: the same gate_up kernel visiting row tiles one at a time.
+    group, tmoe.GROUP_M = tmoe.GROUP_M, 1
+    try:
+        ms = _bench(lambda: tmoe.gate_up_fwd(x, wgu, r))
+        out["fwd_gate_up_swiglu GROUP_M=1"] = {"ms": round(ms, 4), "tflops": round(2 * M * H * F2 / ms / 1e9, 1)}
+    finally:
+        tmoe.GROUP_M = group
+    # The same GEMM through torch._grouped_mm (no gather, no epilogue), for comparison.
+    offs = r.offsets_E1[1:].contiguous()
+    xs = x.index_select(0, r.tok_M.long())
+    ms = _bench(lambda: torch._grouped_mm(xs, wgu, offs=offs))
+    out["grouped_mm_gate_up_only"] = {"ms": round(ms, 4), "tflops": round(2 * M * H * F2 / ms / 1e9, 1)}
+    return out
+
+
+_KERNELS = ("_gate_up_swiglu_fwd_kernel", "_grouped_gemm_kernel", "_down_dgrad_swiglu_bwd_kernel",
+            "_grouped_wgrad_kernel")
+
+
+def _record_autotuning(log: list) -> None:
+    """Append (kernel, config, ms) for every config the autotuners benchmark (tuning evidence)."""
+    from sail_dist.kernels.triton import moe as tmoe
+
+    for name in _KERNELS:
+        tuner = getattr(tmoe, name)
+        bench = getattr(tuner, "_bench", None)
+        if bench is None:
+            continue
+
+        def logged(*args, config, _bench=bench, _name=name, **meta):
+            t = _bench(*args, config=config, **meta)
+            log.append([_name, str(config), [round(float(v), 4) for v in (t if isinstance(t, (list, tuple)) else [t])]])
+            return t
+
+        tuner._bench = logged
+
+
+def _best_configs() -> dict:
+    from sail_dist.kernels.triton import moe as tmoe
+
+    out = {}
+    for name in _KERNELS:
+        cache = getattr(getattr(tmoe, name), "cache", {})
+        out[name] = {str(key): str(cfg) for key, cfg in cache.items()}
+    return out
+
+
+def _measure(fn, inputs, fwd_flops, ref_outs, poison) -> dict:
+    """Check (when ref_outs) and time one implementation; an exception is reported, not raised, so the
+    other implementations still get measured."""
+    x, idx, w, wgu, wd, dy = inputs
+    r = {}
+    try:
+        if ref_outs is not None:
+            r["rel_err"] = _check(fn, inputs, ref_outs, poison)
+        with torch.no_grad():
+            ms = _bench(lambda: fn(x, idx, w, wgu, wd))
+        r["fwd_ms"], r["fwd_tflops"] = round(ms, 4), round(fwd_flops / ms / 1e9, 1)
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, wgu, wd)]
+
+        def step():
+            fn(leaves[0], idx, leaves[1], leaves[2], leaves[3]).backward(dy)
+
+        ms = _bench(step, grad_to_none=leaves)
+        r["fwdbwd_ms"], r["fwdbwd_tflops"] = round(ms, 4), round(3 * fwd_flops / ms / 1e9, 1)
+    except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON
+        r["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    return r
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="a3b_8k,a3b_16k,few_8k")
+    p.add_argument("--impls", default="loop,grouped_mm,grouped_mm_cm,triton")
+    p.add_argument("--no-breakdown", action="store_true")
+    p.add_argument("--no-check", action="store_true")
+    p.add_argument("--json", default=None, help="also write the result JSON here")
+    p.add_argument("--autotune-log", default=None, help="write every autotuned config's time here (JSON)")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="run the whole script at a tiny shape on CPU with TRITON_INTERPRET=1 (no timings)")
+    args = p.parse_args(argv)
+    global DEVICE
+    if args.cpu_smoke:
+        import os
+
+        os.environ["TRITON_INTERPRET"] = "1"  # before the Triton kernels are defined (imported)
+        DEVICE, args.shapes = "cpu", "tiny"
+    elif not torch.cuda.is_available():
+        raise SystemExit("python -m sail_dist.bench.moe needs a CUDA GPU")
+
+    from sail_dist.kernels import gpu, reference
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
+    impls = {"loop": gpu.moe_experts_loop, "grouped_mm": gpu.moe_experts_grouped_mm,
+             "grouped_mm_cm": gpu.moe_experts_grouped_mm, "triton": gpu.moe_experts_triton}
+    impls = {k: impls[k] for k in args.impls.split(",")}
+    tune_log: list = []
+    if "triton" in impls:
+        _record_autotuning(tune_log)
+    dev = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run, TRITON_INTERPRET=1)"
+    result = {"bench": "moe_experts", "device": dev, "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"), "shapes": {}}
+    t0 = time.time()
+    ceiling = matmul_ceiling()
+    result["matmul_bf16_8192_tflops"] = round(ceiling, 1)
+    print(f"[moe bench] {dev}; bf16 8192^3 matmul ceiling {ceiling:.0f} TFLOP/s", flush=True)
+
+    for shape in args.shapes.split(","):
+        T, H, F, E, K = SHAPES[shape]
+        inputs = _inputs(T, H, F, E, K, torch.bfloat16)
+        x, idx, w, wgu, wd, dy = inputs
+        fwd_flops = 2 * T * K * H * 3 * F
+        res = {"T": T, "H": H, "F": F, "E": E, "K": K, "fwd_gflop": round(fwd_flops / 1e9, 1), "impls": {}}
+        if not args.no_check:
+            ref_outs = _fwd_bwd(reference.moe_experts, *(t.float() if t.is_floating_point() else t for t in inputs))
+        for name, fn in impls.items():
+            if name.endswith("_cm"):
+                # Same op with the expert weights stored column-major (what CUTLASS grouped GEMMs prefer;
+                # torchtitan keeps [E, out, in] and passes transposed views): the stronger baseline.
+                args_i = (x, idx, w, _colmajor(wgu), _colmajor(wd), dy)
+            else:
+                args_i = inputs
+            r = _measure(fn, args_i, fwd_flops, None if args.no_check or name == "loop" else ref_outs,
+                         poison=(name == "triton"))
+            res["impls"][name] = r
+            print(f"[moe bench] {shape} {name}: {r}  ({time.time() - t0:.0f}s)", flush=True)
+        if "triton" in impls and not args.no_breakdown:
+            res["triton_breakdown"] = _breakdown(*inputs)
+        ours = res["impls"].get("triton")
+        for base in ("grouped_mm", "grouped_mm_cm", "loop"):
+            if ours and "fwd_ms" in ours and "fwd_ms" in res["impls"].get(base, {}):
+                b = res["impls"][base]
+                res[f"speedup_vs_{base}"] = {"fwd": round(b["fwd_ms"] / ours["fwd_ms"], 2),
+                                             "fwdbwd": round(b["fwdbwd_ms"] / ours["fwdbwd_ms"], 2)}
+        if ours and "fwdbwd_tflops" in ours:
+            res["triton_fwdbwd_frac_of_ceiling"] = round(ours["fwdbwd_tflops"] / ceiling, 3)
+        result["shapes"][shape] = res
+        del inputs, x, w, wgu, wd, dy
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    if "triton" in impls:
+        result["triton_configs"] = _best_configs()
+
+    # Table, then ONE JSON line.
+    print()
+    print(f"MoE experts on {dev} (bf16; fwd+bwd TFLOP/s count 3x fwd FLOPs); matmul ceiling {ceiling:.0f} TFLOP/s")
+    print(f"{'shape':8} {'impl':14} {'fwd ms':>8} {'TFLOP/s':>8} {'f+b ms':>8} {'TFLOP/s':>8} {'max rel err':>11}")
+    for shape, res in result["shapes"].items():
+        for name, r in res["impls"].items():
+            if "error" in r:
+                print(f"{shape:8} {name:14} ERROR {r['error'][:200]}")
+                continue
+            err = r.get("rel_err")
+            e = "-" if err is None else f"{max(v for k, v in err.items() if k != 'ok'):.1e}" + ("" if err["ok"] else " FAIL")
+            print(f"{shape:8} {name:14} {r['fwd_ms']:8.3f} {r['fwd_tflops']:8.0f} {r['fwdbwd_ms']:8.3f} "
+                  f"{r['fwdbwd_tflops']:8.0f} {e:>11}")
+        for k in ("speedup_vs_grouped_mm", "speedup_vs_loop", "triton_fwdbwd_frac_of_ceiling"):
+            if k in res:
+                print(f"{'':8} {k}: {res[k]}")
+        for k, v in res.get("triton_breakdown", {}).items():
+            if not isinstance(v, dict):
+                print(f"{'':8}   {k:26} {v}")
+                continue
+            rate = "" if v["tflops"] is None else f"{v['tflops']:6.0f} TFLOP/s"
+            print(f"{'':8}   {k:26} {v['ms']:8.3f} ms {rate}")
+    if args.autotune_log:
+        with open(args.autotune_log, "w") as f:
+            json.dump(tune_log, f, indent=0)
+    line = json.dumps(result, separators=(",", ":"))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(line + "\n")
+    print(line)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""The GPU OpSet (kernels/gpu.py) against the reference OpSet.
+
+CPU (CI): every op on CPU tensors equals the reference: the chunked linear cross-entropy (values and
+gradients, any chunking, ignored labels), the loop and grouped_mm experts (zero-token experts, a hot
+expert), attention's fallback, and the pass-through ops. CUDA only (skipped elsewhere): bf16 against an
+fp32 reference to 1e-2 (relative Frobenius error) for the three expert implementations, attention and
+cross-entropy, the Triton experts with their buffers NaN-poisoned.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sail_dist.kernels import get_opset, gpu
+from sail_dist.kernels import reference as ref
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _rel_max(a, b) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _rel_fro(a, b) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    if torch.isnan(a).any():
+        return float("nan")
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------------------------------
+# OpSet plumbing
+# --------------------------------------------------------------------------------------------------
+def test_opset_options():
+    for impl in gpu.MOE_IMPLS:
+        ops = get_opset("gpu", moe_impl=impl)
+        assert ops.name == f"gpu[{impl}]"
+    with pytest.raises(ValueError):
+        get_opset("gpu", moe_impl="nope")
+    with pytest.raises(ValueError):
+        get_opset("gpu", attention_impl="nope")
+    assert get_opset("gpu", attention_impl="reference").attention.impl == "reference"
+    if gpu._flash_attn_fn() is None:
+        with pytest.raises(ImportError):
+            get_opset("gpu", attention_impl="flash_attn")
+    auto = get_opset("gpu").attention.impl
+    assert auto in ("flash_attn", "torch_varlen", "reference")
+
+
+def test_pointwise_ops_match_reference():
+    ops = get_opset("gpu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, 8, generator=g)
+    cos, sin = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    assert torch.equal(ops.rope(x, cos, sin), ref.rope(x, cos, sin))
+    assert torch.equal(ops.swiglu(x), ref.swiglu(x))
+    wt = torch.randn(8, generator=g)
+    assert torch.equal(ops.rms_norm(x, wt, 1e-6), ref.rms_norm(x, wt, 1e-6))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_cpu_matches_reference(causal):
+    g = torch.Generator().manual_seed(1)
+    cu = torch.tensor([0, 5, 12, 13, 20], dtype=torch.int32)
+    q = torch.randn(20, 4, 8, generator=g)
+    k, v = torch.randn(20, 2, 8, generator=g), torch.randn(20, 2, 8, generator=g)  # GQA 4:2
+    out = get_opset("gpu").attention(q, k, v, cu, 7, causal)
+    assert torch.allclose(out, ref.attention(q, k, v, cu, 7, causal), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunked cross-entropy
+# --------------------------------------------------------------------------------------------------
+def _ce_case(T=29, D=12, V=37, seed=0, dtype=torch.float64, ignore_every=4):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(T, D, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(V, D, generator=g, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, V, (T,), generator=g)
+    labels[::ignore_every] = -100
+    dloss = torch.randn(T, generator=g, dtype=torch.float64)
+    return h, w, labels, dloss
+
+
+def _ce_run(fn, h, w, labels, dloss):
+    h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss = fn(h, w, labels)
+    (loss * dloss.to(loss.dtype)).sum().backward()
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 29, 1000, None])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_cross_entropy_matches_reference(chunk, dtype):
+    case = _ce_case(dtype=dtype)
+    want = _ce_run(ref.cross_entropy, *case)
+    got = _ce_run(lambda h, w, y: gpu.cross_entropy(h, w, y, chunk_size=chunk), *case)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for name, a, b in zip(("loss", "dh", "dw"), got, want):
+        assert a.dtype == b.dtype, name
+        assert _rel_max(a, b) <= tol, f"{name}: {_rel_max(a, b):.2e}"
+    assert (got[0][case[2] == -100] == 0).all()
+
+
+def test_chunked_cross_entropy_all_ignored_and_bf16():
+    h, w, labels, dloss = _ce_case(T=9)
+    labels[:] = -100
+    loss, dh, dw = _ce_run(lambda a, b, c: gpu.cross_entropy(a, b, c, chunk_size=4), h, w, labels, dloss)
+    assert loss.abs().max() == 0 and dh.abs().max() == 0 and dw.abs().max() == 0
+    # bf16 in -> fp32 loss, close to the fp32 reference on the same (rounded) inputs.
+    h, w, labels, dloss = _ce_case(T=40, D=32, V=64, dtype=torch.bfloat16)
+    loss = gpu.cross_entropy(h, w, labels, chunk_size=16)
+    assert loss.dtype == torch.float32
+    assert _rel_fro(loss, ref.cross_entropy(h.float(), w.float(), labels)) <= 1e-2
+
+
+def test_opset_cross_entropy_is_chunked_default():
+    case = _ce_case(T=300, V=50)
+    want = _ce_run(ref.cross_entropy, *case)
+    got = _ce_run(get_opset("gpu").cross_entropy, *case)
+    assert all(_rel_max(a, b) <= 1e-12 for a, b in zip(got, want))
+
+
+# --------------------------------------------------------------------------------------------------
+# MoE experts: loop and grouped_mm on CPU (the Triton kernels: tests/test_triton_moe.py)
+# --------------------------------------------------------------------------------------------------
+def _moe_case(T=40, K=2, E=6, H=16, F=8, seed=0, empty=(1,), hot=3, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([e for e in range(E) if e not in empty])
+    idx = torch.stack([allowed[torch.randperm(len(allowed), generator=g)[:K]] for _ in range(T)])
+    if hot is not None:
+        idx[:, 0] = torch.where((idx == hot).any(1), idx[:, 0], hot)
+    x = torch.randn(T, H, generator=g, dtype=torch.float64)
+    w = torch.rand(T, K, generator=g, dtype=torch.float64)
+    wgu = torch.randn(E, H, 2 * F, generator=g, dtype=torch.float64) / H ** 0.5
+    wd = torch.randn(E, F, H, generator=g, dtype=torch.float64) / F ** 0.5
+    dy = torch.randn(T, H, generator=g, dtype=torch.float64)
+    return x, idx, w, wgu, wd, dy
+
+
+def _moe_run(fn, x, idx, w, wgu, wd, dy, dtype, device="cpu"):
+    leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in (x, w, wgu, wd)]
+    y = fn(leaves[0], idx.to(device), leaves[1], leaves[2], leaves[3])
+    y.backward(dy.to(device=device, dtype=dtype))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm", "triton"])
+def test_moe_experts_cpu_match_reference(impl):
+    case = _moe_case()
+    want = _moe_run(ref.moe_experts, *case, torch.float64)
+    got = _moe_run(get_opset("gpu", moe_impl=impl).moe_experts, *case, torch.float32)
+    for name, a, b in zip(("y", "dx", "dw", "dgu", "ddn"), got, want):
+        assert _rel_max(a, b) <= 1e-5, f"{impl} {name}: {_rel_max(a, b):.2e}"
+    assert got[3][1].abs().max() == 0  # the empty expert
+
+
+def test_moe_bench_cpu_smoke():
+    """`python -m sail_dist.bench.moe --cpu-smoke`: the whole benchmark script (checks, timings, breakdown,
+    table, JSON line) at a tiny shape in Triton's interpreter, in its own process (it sets TRITON_INTERPRET)."""
+    pytest.importorskip("triton")
+    pytest.importorskip("numpy")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "sail_dist.bench.moe", "--cpu-smoke"], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    tiny = result["shapes"]["tiny"]
+    assert set(tiny["impls"]) == {"loop", "grouped_mm", "grouped_mm_cm", "triton"}
+    assert all(r.get("rel_err", {"ok": True})["ok"] for r in tiny["impls"].values())
+    assert "bwd_wgrad_gate_up" in tiny["triton_breakdown"]
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA: bf16 against an fp32 reference, outputs poisoned
+# --------------------------------------------------------------------------------------------------
+@cuda
+@pytest.mark.parametrize("impl", ["triton", "grouped_mm", "loop"])
+@pytest.mark.parametrize("shape", [(256, 2, 8, 128, 64), (200, 4, 16, 96, 40), (130, 1, 4, 64, 128)])
+def test_moe_experts_cuda_bf16(impl, shape):
+    from sail_dist.kernels.triton import moe as tmoe
+
+    T, K, E, H, F = shape
+    case = _moe_case(T, K, E, H, F, empty=(1,), hot=2)
+    want = _moe_run(ref.moe_experts, *case, torch.float32, "cuda")
+    with tmoe.poison_outputs():
+        got = _moe_run(get_opset("gpu", moe_impl=impl).moe_experts, *case, torch.bfloat16, "cuda")
+    for name, a, b in zip(("y", "dx", "dw", "dgu", "ddn"), got, want):
+        assert _rel_fro(a, b) <= 1e-2, f"{impl} {name}: {_rel_fro(a, b):.2e}"
+
+
+@cuda
+def test_moe_triton_cuda_fresh_inputs_repeatable():
+    """Same inputs twice -> bitwise the same result (no atomics, no races); poisoned both times."""
+    from sail_dist.kernels.triton import moe as tmoe
+
+    case = _moe_case(512, 8, 32, 128, 64, seed=11, empty=(3, 7), hot=5)
+    with tmoe.poison_outputs():
+        a = _moe_run(tmoe.moe_experts, *case, torch.bfloat16, "cuda")
+        b = _moe_run(tmoe.moe_experts, *case, torch.bfloat16, "cuda")
+    for u, v in zip(a, b):
+        assert not torch.isnan(u).any() and torch.equal(u, v)
+
+
+@cuda
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_cuda_bf16(causal):
+    g = torch.Generator().manual_seed(2)
+    cu = torch.tensor([0, 100, 229, 230, 512], dtype=torch.int32)
+    q = torch.randn(512, 8, 64, generator=g)
+    k, v = torch.randn(512, 2, 64, generator=g), torch.randn(512, 2, 64, generator=g)
+    ops = get_opset("gpu")
+    # The op allocates its own output: poison the caching allocator's blocks of that size instead.
+    torch.full(q.shape, float("nan"), device="cuda", dtype=torch.bfloat16)
+    out = ops.attention(*(t.cuda().bfloat16() for t in (q, k, v)), cu.cuda(), 282, causal)
+    want = ref.attention(q.cuda(), k.cuda(), v.cuda(), cu.cuda(), 282, causal)
+    assert _rel_fro(out, want) <= 1e-2
+
+
+@cuda
+def test_cross_entropy_cuda_bf16():
+    h, w, labels, dloss = _ce_case(T=1000, D=256, V=5000, dtype=torch.float32)
+    # Realistic logit scale (std ~1): like the reference, the op rounds the lm-head GEMM's output to the
+    # input dtype before its fp32 math, so logits of std 16 would carry bf16 errors of ~0.03 by design.
+    h, w = h.cuda().bfloat16(), (w / 256 ** 0.5).cuda().bfloat16()
+    want = _ce_run(ref.cross_entropy, h.float(), w.float(), labels.cuda(), dloss.cuda())
+    got = _ce_run(lambda a, b, c: gpu.cross_entropy(a, b, c, chunk_size=300), h, w, labels.cuda(), dloss.cuda())
+    for name, a, b in zip(("loss", "dh", "dw"), got, want):
+        assert _rel_fro(a, b) <= 1e-2, f"{name}: {_rel_fro(a, b):.2e}"

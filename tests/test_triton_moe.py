@@ -1,0 +1,165 @@
+"""The Triton fused MoE experts (kernels/triton/moe.py) against the reference OpSet.
+
+With CUDA the kernels run compiled (the fp32 dots in IEEE mode). Without CUDA they run in Triton's CPU
+interpreter, which must be switched on (TRITON_INTERPRET=1) before triton itself is first imported: this
+module then re-runs itself in a child pytest process with that variable set (test_interpreter_child), so
+nothing else in the parent process ever runs in the interpreter. Either way: forward and all four
+gradients equal the float64 reference to 1e-5 relative in fp32, with zero-token experts, a single hot
+expert, K = 1, shapes that are and are not multiples of the tiles, both down-dgrad variants, and every
+kernel-written buffer NaN-poisoned first.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sail_dist.kernels import get_opset
+from sail_dist.kernels import reference as ref
+
+CUDA = torch.cuda.is_available()
+RUN_HERE = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+here = pytest.mark.skipif(not RUN_HERE, reason="CPU: runs in the interpreter child (test_interpreter_child)")
+
+
+@pytest.mark.skipif(RUN_HERE, reason="the tests run in this process")
+def test_interpreter_child():
+    """CPU: this file's tests, in a child process with Triton's interpreter on from the start."""
+    pytest.importorskip("triton")
+    pytest.importorskip("numpy")  # the interpreter needs it
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+                         cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0 and " passed" in out.stdout, out.stdout[-6000:] + out.stderr[-2000:]
+
+
+def _import_moe():
+    """On CUDA: one tile config per kernel (correctness, not speed; fp32 IEEE candidates compile slowly).
+    SAIL_MOE_AUTOTUNE is read when the kernels are defined, then restored."""
+    saved = os.environ.get("SAIL_MOE_AUTOTUNE")
+    if CUDA:
+        os.environ.setdefault("SAIL_MOE_AUTOTUNE", "0")
+    try:
+        return importlib.import_module("sail_dist.kernels.triton.moe")
+    finally:
+        if saved is None:
+            os.environ.pop("SAIL_MOE_AUTOTUNE", None)
+        else:
+            os.environ["SAIL_MOE_AUTOTUNE"] = saved
+
+
+moe = _import_moe() if RUN_HERE else None
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL_FP32 = 1e-5
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (NaN if a has any NaN: an unwritten poisoned element)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    if torch.isnan(a).any():
+        return float("nan")
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _routing(T, K, E, gen, empty=(), hot=None):
+    """Random distinct top-k experts per token, avoiding `empty` experts; `hot` takes slot 0 everywhere."""
+    allowed = [e for e in range(E) if e not in empty]
+    idx = torch.empty(T, K, dtype=torch.long)
+    for t in range(T):
+        choice = torch.tensor(allowed)[torch.randperm(len(allowed), generator=gen)[:K]]
+        if hot is not None and hot not in choice.tolist():
+            choice[0] = hot
+        idx[t] = choice
+    return idx
+
+
+def _case(T, K, E, H, F, seed=0, empty=(), hot=None):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=gen, dtype=torch.float64)
+    idx = _routing(T, K, E, gen, empty, hot)
+    w = torch.rand(T, K, generator=gen, dtype=torch.float64)
+    wgu = torch.randn(E, H, 2 * F, generator=gen, dtype=torch.float64) / H ** 0.5
+    wd = torch.randn(E, F, H, generator=gen, dtype=torch.float64) / F ** 0.5
+    dy = torch.randn(T, H, generator=gen, dtype=torch.float64)
+    return x, idx, w, wgu, wd, dy
+
+
+def _fwd_bwd(fn, x, idx, w, wgu, wd, dy, dtype, device):
+    leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in (x, w, wgu, wd)]
+    y = fn(leaves[0], idx.to(device), leaves[1], leaves[2], leaves[3])
+    y.backward(dy.to(device=device, dtype=dtype))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+NAMES = ("y", "dx", "d_topk_weight", "d_w_gate_up", "d_w_down")
+CASES = {
+    # name: (T, K, E, H, F, kwargs)
+    "zero_token_experts_ragged_dims": (40, 2, 8, 40, 24, dict(empty=(1, 5))),
+    "single_hot_expert": (48, 2, 6, 32, 16, dict(empty=(4,), hot=2)),
+    "top1_even_dims": (37, 1, 4, 32, 32, dict(empty=(0,))),
+    "top4_many_experts": (20, 4, 16, 24, 20, dict()),
+}
+
+
+@here
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dgrad", ["fused", "split"])
+def test_forward_and_grads_match_reference_fp32(case, dgrad, monkeypatch):
+    T, K, E, H, F, kw = CASES[case]
+    inputs = _case(T, K, E, H, F, **kw)
+    want = _fwd_bwd(ref.moe_experts, *inputs, torch.float64, "cpu")
+    monkeypatch.setattr(moe, "DGRAD_MODE", dgrad)  # both variants of the down-projection backward
+    with moe.poison_outputs():
+        got = _fwd_bwd(moe.moe_experts, *inputs, torch.float32, DEVICE)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.shape == w.shape and g.dtype == torch.float32, name
+        assert _rel(g, w) <= TOL_FP32, f"{case}: {name} rel err {_rel(g, w):.2e}"
+    # Experts nobody routed to get exactly zero weight gradients.
+    for e in kw.get("empty", ()):
+        assert got[3][e].abs().max() == 0 and got[4][e].abs().max() == 0
+
+
+@here
+def test_routing_metadata():
+    gen = torch.Generator().manual_seed(3)
+    idx = _routing(30, 3, 7, gen, empty=(2,), hot=5)
+    r = moe.route(idx.to(DEVICE), 7)
+    counts = torch.bincount(idx.reshape(-1), minlength=7)
+    assert r.num_experts == 7 and r.num_rows == 90
+    assert r.counts_E.cpu().tolist() == counts.tolist()
+    assert r.offsets_E1.cpu().tolist() == [0] + torch.cumsum(counts, 0).tolist()
+    pos, tok = r.pos_M.long().cpu(), r.tok_M.long().cpu()
+    assert sorted(pos.tolist()) == list(range(90))  # a permutation of the (token, slot) pairs
+    assert torch.equal(tok, pos // 3)
+    assert torch.equal(r.perm_M.cpu(), pos)
+    assert torch.equal(idx.reshape(-1)[pos], r.expert_M.long().cpu())  # rows sorted by expert...
+    assert bool((r.expert_M[1:] >= r.expert_M[:-1]).all())
+
+
+@here
+def test_grads_only_where_needed_and_weight_dtype():
+    """Frozen experts (no weight grads) and weights in another dtype than x (fp64 router weights)."""
+    x, idx, w, wgu, wd, dy = _case(16, 2, 4, 16, 16, seed=5)
+    xs = x.float().to(DEVICE).requires_grad_()
+    ws = w.to(DEVICE).requires_grad_()  # float64 routing weights, fp32 activations
+    y = moe.moe_experts(xs, idx.to(DEVICE), ws, wgu.float().to(DEVICE), wd.float().to(DEVICE))
+    y.backward(dy.float().to(DEVICE))
+    assert ws.grad.dtype == torch.float64 and xs.grad is not None
+    want = _fwd_bwd(ref.moe_experts, x, idx, w, wgu, wd, dy, torch.float64, "cpu")
+    assert _rel(xs.grad, want[1]) <= TOL_FP32 and _rel(ws.grad, want[2]) <= TOL_FP32
+
+
+@here
+def test_gpu_opset_dispatches_to_triton():
+    ops = get_opset("gpu", moe_impl="triton")
+    x, idx, w, wgu, wd, _ = _case(24, 2, 5, 16, 8, seed=7, empty=(3,))
+    got = ops.moe_experts(x.float().to(DEVICE), idx.to(DEVICE), w.float().to(DEVICE), wgu.float().to(DEVICE),
+                          wd.float().to(DEVICE))
+    assert _rel(got, ref.moe_experts(x, idx, w, wgu, wd)) <= TOL_FP32
