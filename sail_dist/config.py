@@ -242,7 +242,7 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end
     keep_last: int = 2
     max_consecutive_nonfinite: int = 3
-    eval_every: int = 0
+    export_hf: bool = True  # at the end, write the model in the SAIL-VL2 HF layout to <out_dir>/hf
     eval_samples: int = 64
     tensorboard: bool = True
 

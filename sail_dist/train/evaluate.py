@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from sail_dist.config import Config
 from sail_dist.data.batch import PackedBatch
-from sail_dist.kernels import get_opset
 from sail_dist.model.sailvl import SailVL
 
 log = logging.getLogger("sail_dist")
@@ -59,17 +58,11 @@ def greedy_generate(model: SailVL, prompts: list[PackedBatch], eos_id: int, max_
     return outputs
 
 
-def evaluate_demo(cfg: Config, engine, env) -> dict:
-    """Collective (gathers the weights); rank 0 generates answers for held-out demo questions and scores them."""
+def evaluate_demo(cfg: Config, model: SailVL) -> dict:
+    """Generate answers to held-out demo questions with `model` and score them by exact match."""
     from sail_dist.data.demo import eval_items, score
     from sail_dist.data.samples import SampleBuilder, default_tokenizer_dir
 
-    state = engine.full_state_dict()
-    if not env.is_main:
-        return {}
-    model = SailVL(cfg.model, get_opset("reference"))
-    model.load_state_dict(state)
-    model.float()
     builder = SampleBuilder.from_config(cfg, default_tokenizer_dir(cfg))
     items = eval_items(cfg, limit=cfg.train.eval_samples, builder=builder)
     gen = greedy_generate(model, [it.prompt for it in items], eos_id=cfg.model.tokens.im_end)

@@ -100,11 +100,14 @@ def _train(cfg: Config, backend, env) -> dict:
                "tensorboard": os.path.join(t.out_dir, "tensorboard"), "metrics": os.path.join(t.out_dir, "metrics.jsonl"),
                "train_time_s": time.perf_counter() - t0, "skipped_steps": skipped_total,
                "bad_samples": loader.bad_samples().summary(), "is_main": env.is_main}
+    if t.export_hf:
+        summary["hf_export"] = _export_hf(cfg, engine, env)
     if cfg.data.demo and t.eval_samples > 0:
         from sail_dist.train.evaluate import evaluate_demo
 
         summary["eval"] = evaluate_demo(cfg, engine, env)
-        metrics.log_scalars("eval", {"exact_match": summary["eval"]["accuracy"]}, t.steps)
+        if summary["eval"]:  # rank 0 evaluates; the other ranks only took part in gathering the weights
+            metrics.log_scalars("eval", {"exact_match": summary["eval"]["accuracy"]}, t.steps)
     metrics.close()
     loader.close()
     if env.is_main:
@@ -113,6 +116,19 @@ def _train(cfg: Config, backend, env) -> dict:
         if summary["bad_samples"]:
             log.info("bad samples (skipped and counted): %s", summary["bad_samples"])
     return summary
+
+
+def _gather_model(cfg: Config, engine, env):
+    """Collective: the trained weights in a plain single-device SailVL (fp32, reference ops) on rank 0."""
+    from sail_dist.kernels import get_opset
+    from sail_dist.model.sailvl import SailVL
+
+    state = engine.full_state_dict()
+    if not env.is_main:
+        return None
+    model = SailVL(cfg.model, get_opset("reference"))
+    model.load_state_dict(state)
+    return model.float().eval()
 
 
 def _save(cfg: Config, engine, loader, env, step: int, skipped_total: int) -> str:

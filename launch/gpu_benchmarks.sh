@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU measurements recorded in BENCHMARKS.md, in one go (GPU backend: issue 4 and 6 figures).
+#
+#   bash launch/gpu_benchmarks.sh [OUT_DIR]
+#
+# 1 GPU: the 2B shape (full ViT, all 28 LLM layers) with ZeRO-2, without and with CPU offload (DeepSpeedCPUAdam);
+# 2 GPUs (when present): the same without offload, for the scaling efficiency; 1 GPU: the reduced A3B shape
+# (4 MoE layers, real widths) end to end with loop / grouped_mm / triton experts.
+set -uo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$here/common.sh"
+OUT_DIR="${1:-${OUT:-/tmp/sail_gpu_bench}}"
+mkdir -p "$OUT_DIR"
+export CUDA_DEVICE_MAX_CONNECTIONS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+ngpu=$(nvidia-smi -L | wc -l)
+bench() {  # bench NAME NPROC args...
+  local name="$1" n="$2"; shift 2
+  echo "=== $name ($n GPU) ===" >&2
+  timeout "${BENCH_TIMEOUT:-420}" torchrun --nproc_per_node "$n" --master_port "$(python3 -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')" \
+    -m sail_dist.bench.train_step --label "$name" "$@" 2>"$OUT_DIR/$name.err" | tee "$OUT_DIR/$name.out" | tail -2
+  tail -3 "$OUT_DIR/$name.err" | grep -iE "error|Traceback" >&2 || true
+}
+TWO_B=(--model configs/model/sailvl2_2b.yaml --seq 8192 --sample-len 2048 --tiles-per-sample 2 --steps 8 --warmup 3)
+case "${PARTS:-2b,offload,scale,a3b}" in *2b*) bench 2b_zero2 1 "${TWO_B[@]}" --micro-batches 4 ;; esac
+case "${PARTS:-2b,offload,scale,a3b}" in *offload*) bench 2b_zero2_offload 1 "${TWO_B[@]}" --micro-batches 4 --offload cpu ;; esac
+case "${PARTS:-2b,offload,scale,a3b}" in *scale*) [ "$ngpu" -ge 2 ] && bench 2b_zero2_2gpu 2 "${TWO_B[@]}" --micro-batches 4 ;; esac
+A3B=(--model configs/model/sailvl2_a3b.yaml --llm-layers 4 --seq 8192 --sample-len 2048 --tiles-per-sample 1 --steps 6
+     --warmup 2 --micro-batches 2 model.vit.num_layers=2)
+case "${PARTS:-2b,offload,scale,a3b}" in *a3b*)
+  for impl in loop grouped_mm triton; do bench "a3b4_$impl" 1 "${A3B[@]}" "backend.moe_impl=$impl"; done ;;
+esac
+echo "=== summary ===" >&2
+cat "$OUT_DIR"/*.out | grep '^{' > "$OUT_DIR/all.jsonl"
+python3 - "$OUT_DIR/all.jsonl" <<'PY'
+import json, sys
+rows = {r["label"]: r for r in map(json.loads, open(sys.argv[1]))}
+print(f"{'run':<22}{'GPUs':>5}{'step s':>9}{'tok/s/GPU':>11}{'MFU':>7}{'mem GiB':>9}")
+for k, r in rows.items():
+    print(f"{k:<22}{r['world_size']:>5}{r['step_s']:>9.3f}{r['tokens_per_s_per_device']:>11.0f}{100*r['mfu']:>6.1f}%{r['peak_mem_gib']:>9.1f}")
+fig = {}
+if "2b_zero2" in rows and "2b_zero2_offload" in rows:
+    fig["offload_slowdown"] = rows["2b_zero2_offload"]["step_s"] / rows["2b_zero2"]["step_s"]
+if "2b_zero2" in rows and "2b_zero2_2gpu" in rows:
+    fig["scaling_efficiency_2gpu"] = rows["2b_zero2_2gpu"]["tokens_per_s_per_device"] / rows["2b_zero2"]["tokens_per_s_per_device"]
+if "a3b4_loop" in rows and "a3b4_triton" in rows:
+    fig["a3b_e2e_speedup_triton_vs_loop"] = rows["a3b4_loop"]["step_s"] / rows["a3b4_triton"]["step_s"]
+if "a3b4_grouped_mm" in rows and "a3b4_triton" in rows:
+    fig["a3b_e2e_speedup_triton_vs_grouped_mm"] = rows["a3b4_grouped_mm"]["step_s"] / rows["a3b4_triton"]["step_s"]
+print(json.dumps({"runs": rows, **fig}))
+PY

@@ -1,0 +1,116 @@
+"""The whole trainer through its CLI (torchrun, 2 ranks, GPU backend on CPU): exact resume after a kill,
+and clear messages for a corrupt checkpoint, a bad config and a non-finite loss."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+pytest.importorskip("deepspeed")
+DEMO = os.path.join(ROOT, "configs", "demo", "demo.yaml")
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("demo_data"))
+
+
+def _cmd(nproc: int, out_dir: str, demo_dir: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(20000 + (os.getpid() * 7 + len(out_dir)) % 20000), "-m", "sail_dist", "--config", DEMO,
+            f"train.out_dir={out_dir}", f"data.demo_dir={demo_dir}", "train.eval_samples=0", "train.log_every=1",
+            "data.pack_tokens=512", "data.num_workers=1", "train.micro_batches=2", "train.lr_schedule=cosine",
+            "train.warmup_steps=2", *overrides]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _losses(out_dir: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _run(cmd, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["torch_adam", "cpu_adam"])
+def test_kill_and_resume_matches_uninterrupted(tmp_path, demo_dir, optimizer):
+    opt = (["backend.offload_optimizer=cpu", "backend.torch_adam=true"] if optimizer == "torch_adam"
+           else ["backend.offload_optimizer=cpu", "backend.torch_adam=false"])
+    steps = ["train.steps=8", "train.save_every=2", *opt]
+    full = str(tmp_path / "full")
+    r = _run(_cmd(2, full, demo_dir, *steps))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    ref = _losses(full)
+    assert sorted(ref) == list(range(1, 9))
+
+    # The same run, killed (SIGKILL, no cleanup) as soon as its first checkpoint exists.
+    part = str(tmp_path / "part")
+    proc = subprocess.Popen(_cmd(2, part, demo_dir, *steps), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpts = os.path.join(part, "checkpoints")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(ckpts) and any(n.startswith("step_") and not n.endswith(".tmp") for n in os.listdir(ckpts)):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(n for n in os.listdir(ckpts) if not n.endswith(".tmp"))
+    assert done, "the killed run wrote no complete checkpoint"
+    k = int(done[-1].split("_")[1])
+    if k == 8:
+        pytest.skip("the run finished before it could be killed")
+
+    r = _run(_cmd(2, part, demo_dir, *steps))  # resume=auto picks the latest complete checkpoint
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert f"at step {k}" in r.stdout
+    resumed = _losses(part)
+    for step in range(k + 1, 9):
+        if optimizer == "torch_adam":
+            assert resumed[step] == ref[step], (step, resumed[step], ref[step])
+        else:
+            assert abs(resumed[step] - ref[step]) <= 1e-6 * abs(ref[step]), (step, resumed[step], ref[step])
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, demo_dir):
+    out = str(tmp_path / "run")
+    r = _run(_cmd(1, out, demo_dir, "train.steps=2", "train.micro_batches=1"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    ckpt = os.path.join(out, "checkpoints", "step_00000002")
+    with open(os.path.join(ckpt, "rank_00000.pt"), "r+b") as f:
+        f.truncate(100)
+    r = _run(_cmd(1, out, demo_dir, "train.steps=4", "train.micro_batches=1"))
+    assert r.returncode != 0
+    assert f"checkpoint {ckpt} is corrupt: cannot read {ckpt}/rank_00000.pt" in r.stderr
+    assert "set train.resume to an earlier step_* directory" in r.stderr
+    # A half-written save (no COMPLETE marker) is never picked up.
+    os.remove(os.path.join(ckpt, "COMPLETE"))
+    r = _run(_cmd(1, out, demo_dir, "train.steps=1", "train.micro_batches=1"))
+    assert r.returncode == 0 and "resumed from" not in r.stdout
+
+
+def test_bad_config_names_the_key(tmp_path, demo_dir):
+    r = _run([sys.executable, "-m", "sail_dist", "--config", DEMO, "train.lerning_rate=1"])
+    assert r.returncode == 2
+    assert "unknown config key 'train.lerning_rate' (from command line); did you mean 'train.lr'?" in r.stderr
+
+
+def test_nonfinite_loss_aborts_with_a_clear_message(tmp_path, demo_dir):
+    out = str(tmp_path / "nan")
+    r = _run(_cmd(1, out, demo_dir, "train.steps=20", "train.micro_batches=1", "train.lr=1e30",
+                  "train.warmup_steps=0", "train.grad_clip=0", "train.max_consecutive_nonfinite=3"))
+    assert r.returncode != 0
+    assert "consecutive steps" in r.stderr and "had a non-finite loss or gradient" in r.stderr
+    assert "update skipped" in r.stdout
