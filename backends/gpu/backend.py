@@ -32,6 +32,23 @@ def ensure_launcher_env() -> None:
                            "MASTER_PORT": str(_free_port())})
 
 
+def host_threads_for_offload(local_world_size: int) -> int:
+    """Give each rank its share of the host cores and pin it there (DeepSpeed PR #7474's --bind_cores_to_rank).
+
+    torchrun sets OMP_NUM_THREADS=1, which leaves DeepSpeedCPUAdam (OpenMP) on a single core: the optimizer step
+    of a 2B model then takes seconds. The variable must be set before the op's OpenMP runtime loads.
+    """
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    share = max(1, len(cores) // max(local_world_size, 1))
+    mine = cores[local_rank * share:(local_rank + 1) * share] or cores
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, mine)
+    os.environ["OMP_NUM_THREADS"] = str(len(mine))
+    torch.set_num_threads(len(mine))
+    return len(mine)
+
+
 class GPUBackend:
     name = "gpu"
 
@@ -50,6 +67,9 @@ class GPUBackend:
         # The shared-memory all-reduce op DeepSpeed builds on CPU serves inference only; skip its build.
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda *a, **k: None
         local_rank = int(os.environ["LOCAL_RANK"])
+        if cfg.backend.offload_optimizer == "cpu" and cuda:
+            log.info("CPU offload: %d host threads for this rank",
+                     host_threads_for_offload(int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
         if cuda:
             torch.cuda.set_device(local_rank)
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,

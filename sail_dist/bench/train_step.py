@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--label", default="")
+    p.add_argument("--profile", action="store_true", help="profile the last step (torch.profiler) and print the "
+                   "top kernels by device time")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     over = ["data.demo=true", f"train.steps={a.steps}", f"train.micro_batches={a.micro_batches}", "train.lr=1e-5",
@@ -67,8 +69,19 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
         if dist.is_initialized():
             dist.barrier()
+        prof = None
+        if a.profile and step == a.steps - 1:
+            from torch.profiler import ProfilerActivity, profile
+
+            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            prof.__enter__()
         t0 = time.perf_counter()
         stats = engine.train_step(mbs, step)
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            if env.is_main:
+                key = "self_cuda_time_total" if env.device.type == "cuda" else "self_cpu_time_total"
+                print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
         if dist.is_initialized():
             dist.barrier()
         times.append(time.perf_counter() - t0)
