@@ -233,6 +233,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     train_modules: list[str] = field(default_factory=lambda: ["vit", "adapter", "llm"])
     activation_checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    compile: bool = False  # torch.compile each block's dense parts (parallel/compile.py); GPU backend
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on accelerators, fp32 on CPU
     seed: int = 1234
     out_dir: str = "runs/default"

@@ -27,6 +27,7 @@ from sail_dist.kernels import get_opset
 from sail_dist.model.build import build_model
 from sail_dist.model.flops import batch_flops
 from sail_dist.parallel.checkpointing import apply_activation_checkpointing
+from sail_dist.parallel.compile import apply_compile
 from sail_dist.train.freeze import apply_freeze
 from sail_dist.train.loss import global_weight_sum, micro_batch_loss
 from sail_dist.train.lr import lr_at
@@ -67,6 +68,8 @@ class DeepSpeedEngine:
         self.ops = resolve_opset(cfg, env.device)
         self.model = build_model(cfg.model, self.ops, seed=t.seed, init_from=t.init_from)
         self.trainable = apply_freeze(self.model, t.train_modules)
+        if t.compile:
+            apply_compile(self.model)  # before checkpointing: the checkpoint then wraps the compiled forward
         apply_activation_checkpointing(self.model, t.activation_checkpointing.vit, t.activation_checkpointing.llm)
         self.dtype = model_dtype(cfg, env.device)
         self.model.to(env.device)
@@ -86,6 +89,8 @@ class DeepSpeedEngine:
                                     fused=fused, foreach=None if fused else True)
             self.ds, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=opt,
                                                                  config=self.ds_config)
+        self.track_layer_grad_norms = False  # parity: record per-parameter gradient norms in train_step
+        self.last_layer_grad_norms: dict[str, float] = {}
         log.info("GPU backend: ZeRO-%d, %s, opset=%s, offload=%s, trainable=%s", cfg.backend.zero_stage,
                  self.dtype, self.ops.name, cfg.backend.offload_optimizer, self.trainable)
 
@@ -124,11 +129,13 @@ class DeepSpeedEngine:
         scale = M * self.env.dp_size
         lm_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         aux_sum, counts, flops, tokens, samples = 0.0, None, 0.0, 0, 0
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
             batch = mb.to(self.env.device)
             out = self.ds(batch)
             loss = micro_batch_loss(out.loss_T, batch, W)
             self.ds.backward(loss * scale)
+            if self.track_layer_grad_norms and i == len(micro_batches) - 1:
+                self.last_layer_grad_norms = self._layer_grad_norms()  # reduced, before clipping and the step
             self.ds.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             lm_sum += loss.detach().double()
             if out.aux_loss is not None:
@@ -150,6 +157,23 @@ class DeepSpeedEngine:
         return StepStats(loss=loss_val, aux_loss=aux_sum, grad_norm=grad_norm, lr=lr, tokens=tokens,
                          samples=samples, skipped=skipped, flops=flops, expert_counts=counts,
                          time_s=time.perf_counter() - t0)
+
+    def _layer_grad_norms(self) -> dict[str, float]:
+        """Collective. Per parameter name: the norm of its full DP-reduced gradient (ZeRO-2 partitions gathered)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        out = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                g = safe_get_full_grad(p)
+                out[name] = float(g.double().norm()) if g is not None else 0.0
+        return out
+
+    def layer_grad_norms(self) -> dict[str, float]:
+        """The per-parameter gradient norms of the last step (set `track_layer_grad_norms = True` before it)."""
+        if not self.track_layer_grad_norms:
+            raise RuntimeError("set engine.track_layer_grad_norms = True before train_step to record per-layer norms")
+        return dict(self.last_layer_grad_norms)
 
     # ----------------------------------------------------------------------------------------------
     def save(self, path: str) -> None:
