@@ -127,8 +127,8 @@ class DeepSpeedEngine:
         self.ds.train()
         W = global_weight_sum(micro_batches, device=self.env.device if self.env.device.type == "cuda" else None)
         scale = M * self.env.dp_size
-        lm_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
-        aux_sum, counts, flops, tokens, samples = 0.0, None, 0.0, 0, 0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # [lm loss, aux loss / M]
+        counts, flops, tokens, samples = None, 0.0, 0, 0
         for i, mb in enumerate(micro_batches):
             batch = mb.to(self.env.device)
             out = self.ds(batch)
@@ -137,24 +137,24 @@ class DeepSpeedEngine:
             if self.track_layer_grad_norms and i == len(micro_batches) - 1:
                 self.last_layer_grad_norms = self._layer_grad_norms()  # reduced, before clipping and the step
             self.ds.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            lm_sum += loss.detach().double()
+            sums[0] += loss.detach().double()
             if out.aux_loss is not None:
-                aux_sum += float(out.aux_loss) / M
+                sums[1] += out.aux_loss.double() / M
                 c = torch.stack([m.last_counts for m in self.model.moe_layers()]).cpu()
                 counts = c if counts is None else counts + c
             flops += batch_flops(self.cfg.model, mb, self.cfg.train.train_modules).train
             tokens += mb.num_tokens
             samples += mb.num_samples
         if dist.is_initialized():
-            dist.all_reduce(lm_sum)
+            dist.all_reduce(sums)  # the loss is a sum of shares; the aux loss is reported as the DP mean
         grad_norm = self.ds.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        loss_val = float(lm_sum)
+        loss_val, aux = float(sums[0]), float(sums[1]) / self.env.dp_size
         # DeepSpeed skips the update itself when the gradient norm is inf/NaN (ZeRO overflow check).
         skipped = not (math.isfinite(loss_val) and math.isfinite(grad_norm))
         if self.env.device.type == "cuda":
             torch.cuda.synchronize()
-        return StepStats(loss=loss_val, aux_loss=aux_sum, grad_norm=grad_norm, lr=lr, tokens=tokens,
+        return StepStats(loss=loss_val, aux_loss=aux, grad_norm=grad_norm, lr=lr, tokens=tokens,
                          samples=samples, skipped=skipped, flops=flops, expert_counts=counts,
                          time_s=time.perf_counter() - t0)
 

@@ -263,10 +263,20 @@ def _paths(root: str) -> DemoPaths:
 
 
 def ensure_demo(root: str, n_train: int = 2000, n_eval: int = 200, image_size: int = 112, seed: int = 0) -> DemoPaths:
-    """The demo dataset in `root`, generated on first use (or when its parameters or version changed)."""
+    """The demo dataset in `root`, generated on first use (or when its parameters or version changed).
+
+    Safe when every rank of a job calls it at once: a file lock lets one process generate while the others wait.
+    """
+    import fcntl
+
     root = os.path.abspath(root)
-    if not _valid(root, n_train, n_eval, image_size, seed):
-        generate_demo(root, n_train, n_eval, image_size, seed)
+    if _valid(root, n_train, n_eval, image_size, seed):
+        return _paths(root)
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    with open(root + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _valid(root, n_train, n_eval, image_size, seed):
+            generate_demo(root, n_train, n_eval, image_size, seed)
     return _paths(root)
 
 

@@ -100,13 +100,19 @@ def _train(cfg: Config, backend, env) -> dict:
                "tensorboard": os.path.join(t.out_dir, "tensorboard"), "metrics": os.path.join(t.out_dir, "metrics.jsonl"),
                "train_time_s": time.perf_counter() - t0, "skipped_steps": skipped_total,
                "bad_samples": loader.bad_samples().summary(), "is_main": env.is_main}
-    if t.export_hf:
-        summary["hf_export"] = _export_hf(cfg, engine, env)
-    if cfg.data.demo and t.eval_samples > 0:
-        from sail_dist.train.evaluate import evaluate_demo
+    want_eval = cfg.data.demo and t.eval_samples > 0
+    if t.export_hf or want_eval:
+        model = _gather_model(cfg, engine, env)  # collective; the full model on rank 0, None elsewhere
+        if t.export_hf and model is not None:
+            from sail_dist.model import hf
 
-        summary["eval"] = evaluate_demo(cfg, engine, env)
-        if summary["eval"]:  # rank 0 evaluates; the other ranks only took part in gathering the weights
+            summary["hf_export"] = os.path.join(t.out_dir, "hf")
+            hf.save_sailvl(model, summary["hf_export"])
+            log.info("HF export (SAIL-VL2 layout): %s", summary["hf_export"])
+        if want_eval and model is not None:
+            from sail_dist.train.evaluate import evaluate_demo
+
+            summary["eval"] = evaluate_demo(cfg, model)
             metrics.log_scalars("eval", {"exact_match": summary["eval"]["accuracy"]}, t.steps)
     metrics.close()
     loader.close()

@@ -1,0 +1,477 @@
+"""The NPU backend's Engine: our SailVL split into pipeline stages and expert-parallel shards, driven by
+Megatron-core (schedules, DDP, distributed optimizer, dist_checkpointing).
+
+Build order (parallelism applied from outside; the model is never forked):
+  build_model (same seed as every backend) -> freeze -> activation checkpointing -> experts swapped for
+  this EP rank's shard (parallel/expert.py) -> pipeline stages for this PP rank (parallel/pipeline.py)
+  -> device / dtype -> one Megatron DDP per model chunk -> distributed optimizer (dense + expert parts).
+
+Loss, spelled out (the same objective as the GPU backend, train/loss.py): the step objective is
+sum(w * ce) / W over every micro-batch of every DP rank, W = sum(w). Megatron runs with
+`calculate_per_token_loss=True`: the last stage's loss function returns (loss sum, token count, logs),
+gradients are SUMMED over DP, and `finalize_model_grads` divides every gradient by the global token
+count N. Our loss function returns sum(w * ce) * N / W, so the result is exactly d(objective); with the
+token reduction (w = 1 on labelled tokens) N == W and the factor is 1.
+
+MoE aux loss: the GPU backend's gradient is coeff / (n_moe_layers * M * DP) per micro-batch, rank and
+layer. Ours is injected inside the model (AttachAuxLoss) and then divided by N like everything else,
+so each layer's `aux_grad_scale` = coeff * N / (n_moe_layers * M * DP), set every step.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import re
+import time
+
+import torch
+import torch.distributed as dist
+
+from sail_dist.backends.npu.backend import prepare_platform
+
+prepare_platform()  # MindSpeed (Ascend) / device shim (CPU) before the megatron imports below
+
+from megatron.core import dist_checkpointing  # noqa: E402
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase, ShardedTensor  # noqa: E402
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
+from megatron.core.distributed import finalize_model_grads  # noqa: E402
+from megatron.core.enums import ModelType  # noqa: E402
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+
+from sail_dist.backends.base import DistEnv, StepStats  # noqa: E402
+from sail_dist.config import Config  # noqa: E402
+from sail_dist.data.batch import PackedBatch  # noqa: E402
+from sail_dist.kernels import get_opset  # noqa: E402
+from sail_dist.model.build import build_model  # noqa: E402
+from sail_dist.model.flops import batch_flops, sample_flops  # noqa: E402
+from sail_dist.parallel.checkpointing import apply_activation_checkpointing  # noqa: E402
+from sail_dist.parallel.expert import apply_expert_parallel  # noqa: E402
+from sail_dist.parallel.mesh import ParallelDims  # noqa: E402
+from sail_dist.parallel.pipeline import PipelinePlan, Workload, build_stages, plan_pipeline  # noqa: E402
+from sail_dist.train.freeze import apply_freeze  # noqa: E402
+from sail_dist.train.loss import global_weight_sum  # noqa: E402
+from sail_dist.train.lr import lr_at  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def resolve_opset(cfg: Config, platform: str):
+    """auto: the torch_npu OpSet on Ascend, its pure-PyTorch emulation (same code, same semantics) elsewhere."""
+    name = cfg.backend.opset
+    if name == "auto":
+        name = "npu" if platform == "npu" else "npu_emulated"
+    if name == "npu" and platform != "npu":
+        raise ValueError("backend.opset=npu needs an Ascend NPU with torch_npu; use backend.opset=npu_emulated "
+                         "(or auto) on CPU/CUDA")
+    return get_opset(name, moe_impl=cfg.backend.moe_impl) if name == "gpu" else get_opset(name)
+
+
+def model_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The GPU backend's rule: bf16 on accelerators (auto), fp32 on CPU; train.precision forces one."""
+    p = cfg.train.precision
+    if p == "bf16" or (p == "auto" and device.type != "cpu"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def _tied_head(name: str, t: torch.Tensor, sd: dict) -> bool:
+    """The lm head of a stage that also holds the embedding it is tied to (the same tensor twice)."""
+    return name == "llm.lm_head.weight" and t is sd.get("llm.embed_tokens.weight")
+
+
+def _all_reduce_sum(group):
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=group)
+        return t
+
+    return reduce
+
+
+class MegatronEngine:
+    def __init__(self, cfg: Config, env: DistEnv, dims: ParallelDims, platform: str) -> None:
+        self.cfg, self.env, self.dims, self.platform = cfg, env, dims, platform
+        t, llm = cfg.train, cfg.model.llm
+        me = dims.coords(env.rank)
+        self.coords = me
+        self.ops = resolve_opset(cfg, platform)
+        self.dtype = model_dtype(cfg, env.device)
+
+        model = build_model(cfg.model, self.ops, seed=t.seed, init_from=t.init_from)
+        self.trainable = apply_freeze(model, t.train_modules)
+        apply_activation_checkpointing(model, t.activation_checkpointing.vit, t.activation_checkpointing.llm)
+        # Global MoE layer numbering (for expert-count stats) before the model is pruned to this stage.
+        self.moe_layer_ids = [i for i in range(llm.num_layers) if llm.is_moe_layer(i)]
+        if dims.ep > 1:
+            apply_expert_parallel(model, ps.get_expert_model_parallel_group(), me.ep_rank, dims.ep)
+        tied = llm.tie_embeddings
+        self.plan: PipelinePlan = plan_pipeline(
+            cfg.model, dims.pp, dims.vpp, cfg.parallel.split, t.train_modules,
+            Workload.from_config(cfg.model, cfg.data.pack_tokens, cfg.data.max_sample_tokens))
+        self.stages = build_stages(model, self.plan, me.pp_rank)
+        self.model = model  # this rank's part of the SailVL (other stages' layers are placeholders)
+        model.to(device=env.device, dtype=self.dtype)
+
+        self.tied_across_stages = tied and dims.pp > 1
+        if self.tied_across_stages and self.stages[-1].spec.last:
+            # The last stage's lm head is a copy of the embedding (pipeline.build_stages): Megatron sums the two
+            # copies' gradients over the embedding group and leaves the copy out of the gradient norm.
+            w = model.llm.lm_head.weight
+            w.shared = True
+            w.shared_embedding = True
+
+        # MoE: counts reduced over this stage's data-parallel group; aux gradient scale set per step.
+        self._chunk_moe = [[(self.moe_layer_ids.index(layer.index), layer.mlp) for layer in st.llm.layers.values()
+                            if layer.index in self.moe_layer_ids] for st in self.stages]
+        self.local_moe = [x for chunk in self._chunk_moe for x in chunk]
+        dp_group = ps.get_data_parallel_group()
+        for _, m in self.local_moe:
+            m.reduce_counts = _all_reduce_sum(dp_group) if dims.dp > 1 else None
+
+        # Megatron config: model metadata for the schedules and DDP (our layers are not Megatron's).
+        self.pad_pipeline = dims.vpp > 1
+        self.mcfg = TransformerConfig(
+            num_layers=llm.num_layers, hidden_size=llm.hidden_size, num_attention_heads=llm.num_heads,
+            pipeline_model_parallel_size=dims.pp,
+            virtual_pipeline_model_parallel_size=dims.vpp if dims.vpp > 1 else None,
+            pipeline_dtype=self.dtype, params_dtype=self.dtype, bf16=self.dtype == torch.bfloat16,
+            # Packed micro-batches: T differs per micro-batch. 1F1B: p2p exchanges the shapes. Interleaved: its
+            # asymmetric warm-up calls deadlock on that handshake (a rank waits for a shape its peer sends only
+            # later), so activations are padded to the step's longest micro-batch instead (pipeline.py).
+            variable_seq_lengths=not self.pad_pipeline,
+            calculate_per_token_loss=True,
+            moe_token_dispatcher_type="alltoall",  # unused (our dispatcher); allgather would veto variable lengths
+            deallocate_pipeline_outputs=False,
+            # Interleaved: with pp = 2 the previous and next stage are one peer and one call sends both ways; the
+            # batched p2p path posts both sends to that peer in one order and both receives in another (payloads
+            # swap), Megatron's `_p2p_ops` orders them by rank parity on two communicators. 1F1B keeps batching.
+            batch_p2p_comm=dims.vpp == 1,
+        )
+        ddp_cfg = DistributedDataParallelConfig(
+            use_distributed_optimizer=True, grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            overlap_param_gather=False, check_for_nan_in_grad=False)
+        self.chunks = []
+        for st in self.stages:
+            st.config = self.mcfg
+            st.model_type = ModelType.encoder_or_decoder
+            st.pre_process, st.post_process = st.spec.first, st.spec.last
+            st.share_embeddings_and_output_weights = self.tied_across_stages
+            st.shared_embedding_or_output_weight = functools.partial(self._shared_weight, st)
+            self.chunks.append(DistributedDataParallel(self.mcfg, ddp_cfg, st))
+        self.mcfg.finalize_model_grads_func = finalize_model_grads
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                            adam_beta1=t.adam_betas[0], adam_beta2=t.adam_betas[1], adam_eps=t.adam_eps,
+                            clip_grad=t.grad_clip, bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
+                            use_distributed_optimizer=True),
+            self.chunks)
+        self._init_optimizer_state()
+        self._optimizer_steps = 0  # successful updates (skipped steps do not count): Adam's step, checkpointed
+        self._chunk_of = {id(c): i for i, c in enumerate(self.chunks)}
+        self._param_names = {p: n for st in self.stages for n, p in st.named_parameters()}
+        self.track_layer_grad_norms = False
+        self.last_layer_grad_norms: dict[str, float] = {}
+        self._stage_flops_share = self._flops_share()
+        if env.rank == 0:
+            log.info("NPU backend engine: %s, opset=%s, %s, trainable=%s\n%s", self.dims.describe(), self.ops.name,
+                     self.dtype, self.trainable, self.plan.describe())
+
+    # ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _shared_weight(stage):
+        """Megatron's hook for tied embeddings across stages: the embedding (first) or its copy (last)."""
+        return stage.llm.embed_tokens.weight if stage.spec.first else stage.llm.lm_head.weight
+
+    def _flops_share(self) -> float:
+        """This rank's share of the LLM's FLOPs (its layers + head, by the plan's cost model)."""
+        c = self.plan.costs
+        llm_total = sum(c.layers) + c.head
+        mine = sum(c.layers[i] for st in self.stages for i in st.spec.llm_layers)
+        mine += c.head if any(st.spec.last for st in self.stages) else 0.0
+        return mine / llm_total if llm_total else 1.0
+
+    def _rank_flops(self, mb: PackedBatch) -> float:
+        """Training FLOPs this rank performs for micro-batch `mb`: its share of the LLM, the vision side on the
+        first stage. Expert compute is counted where the tokens come from (top-k active), so world sums are right."""
+        mods = self.cfg.train.train_modules
+        total = batch_flops(self.cfg.model, mb, mods).train
+        vision = 0.0
+        if mb.num_images:
+            patches = (mb.image_grid_hw[:, 0] * mb.image_grid_hw[:, 1]).tolist()
+            vision = sample_flops(self.cfg.model, 0, patches, mods).train
+        has_first = any(st.spec.first for st in self.stages)
+        return (total - vision) * self._stage_flops_share + (vision if has_first else 0.0)
+
+    def _init_optimizer_state(self) -> None:
+        """Create torch AdamW's per-parameter state now (what its first step would create: step 0, zero moments).
+
+        Megatron's distributed optimizer reads `step` from that state to save or load a checkpoint, which fails
+        on a fresh torch-AdamW optimizer (the fallback when neither Transformer Engine nor apex is there):
+        resuming into a new engine, or saving before the first step. Numerically a no-op."""
+        for opt in self.optimizer.chained_optimizers:
+            inner = getattr(opt, "optimizer", None)
+            if not isinstance(inner, torch.optim.AdamW):
+                continue
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if not inner.state[p]:
+                        inner.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
+                                          "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                          "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    def _set_lr(self, lr: float) -> None:
+        # Megatron's param groups carry lr/wd multipliers (no weight decay on 1-D params: the GPU rule too).
+        wd = self.cfg.train.weight_decay
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+            g["weight_decay"] = wd * g.get("wd_mult", 1.0)
+
+    # ----------------------------------------------------------------------------------------------
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        out = model(batch)
+        for gi, m in self._chunk_moe[self._chunk_of[id(model)]]:  # on device: no host sync per layer
+            self._aux_sum += m.last_aux.double()
+            self._counts[gi] += m.last_counts.float()
+        return out, functools.partial(self._loss_func, batch)
+
+    def _loss_func(self, batch: PackedBatch, loss_T: torch.Tensor):
+        """Last stage: (sum(w * ce) * N / W, this micro-batch's token count, logs); Megatron divides by N."""
+        w = batch.loss_weight.to(loss_T.dtype)
+        lm_sum = (loss_T * w).sum()
+        n = torch.tensor(int((w != 0).sum()), dtype=torch.int, device=loss_T.device)
+        self._lm_sum += lm_sum.detach().double()
+        return lm_sum * self._norm_factor, n, {"lm_sum": lm_sum.detach()}
+
+    def train_step(self, micro_batches: list[PackedBatch], step: int) -> StepStats:
+        M = self.cfg.train.micro_batches
+        if len(micro_batches) != M:
+            raise ValueError(f"got {len(micro_batches)} micro-batches for a step configured with "
+                             f"train.micro_batches={M}")
+        t0 = time.perf_counter()
+        dev = self.env.device
+        lr = lr_at(self.cfg.train, step)
+        self._set_lr(lr)
+        for c in self.chunks:
+            c.train()
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+        dp_group = ps.get_data_parallel_group()
+        W = global_weight_sum(micro_batches, group=dp_group, device=dev if dev.type != "cpu" else None)
+        n_local = torch.tensor([float(sum(int((mb.loss_weight != 0).sum()) for mb in micro_batches))],
+                               dtype=torch.float64, device=dev)
+        dist.all_reduce(n_local, group=dp_group)
+        N = float(n_local.item())
+        self._norm_factor = N / W
+        n_moe = len(self.moe_layer_ids)
+        for _, m in self.local_moe:
+            m.aux_grad_scale = self.cfg.model.llm.aux_loss_coeff * N / (n_moe * M * self.dims.dp)
+        self._lm_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        self._aux_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        E = self.cfg.model.llm.num_experts
+        self._counts = torch.zeros(n_moe, E, dtype=torch.float32, device=dev) if n_moe else None
+
+        batches = [mb.to(dev) for mb in micro_batches]
+        T_max = max(mb.num_tokens for mb in micro_batches)
+        for st in self.stages:
+            st.pad_to = T_max if self.pad_pipeline else None
+        iterator = [iter(batches) for _ in self.chunks] if len(self.chunks) > 1 else iter(batches)
+        get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=iterator,
+            model=self.chunks, num_microbatches=M,
+            seq_length=T_max, micro_batch_size=1, forward_only=False)
+
+        # Loss (last stage) and aux / expert counts (every stage) -> global, on every rank: both are sums, over
+        # this stage's DP group and then over the stages (only the last stage holds a loss).
+        stats = torch.stack([self._lm_sum / W if self.env.is_last_stage else torch.zeros_like(self._lm_sum),
+                             self._aux_sum])
+        dist.all_reduce(stats, group=dp_group)
+        pp_group = ps.get_pipeline_model_parallel_group()
+        if self.dims.pp > 1:
+            dist.all_reduce(stats, group=pp_group)
+        loss_val = float(stats[0])
+        aux = float(stats[1]) / (n_moe * M * self.dims.dp) if n_moe else 0.0
+        counts = None
+        if self._counts is not None:
+            if self.dims.pp > 1:
+                dist.all_reduce(self._counts, group=pp_group)
+            counts = self._counts.cpu()
+
+        self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        if self.track_layer_grad_norms:
+            self.last_layer_grad_norms = self._layer_grad_norms()
+        skipped = not (math.isfinite(loss_val) and math.isfinite(grad_norm))
+        if skipped:
+            for c in self.chunks:
+                c.zero_grad_buffer()
+            self.optimizer.zero_grad()
+        else:
+            self._clip_and_step(grad_norm)
+            self._optimizer_steps += 1
+        flops = sum(self._rank_flops(mb) for mb in micro_batches)
+        # Tokens / samples are counted once per DP rank (on its last stage), so sums over the world are global.
+        counted = self.env.is_last_stage
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return StepStats(loss=loss_val, aux_loss=aux, grad_norm=grad_norm, lr=lr,
+                         tokens=sum(mb.num_tokens for mb in micro_batches) if counted else 0,
+                         samples=sum(mb.num_samples for mb in micro_batches) if counted else 0,
+                         skipped=skipped, flops=flops, expert_counts=counts, time_s=time.perf_counter() - t0)
+
+    def _clip_and_step(self, grad_norm: float) -> None:
+        """Megatron ChainedOptimizer.step() minus its norm computation (done above, shared with the skip check)."""
+        clip = self.cfg.train.grad_clip
+        for opt in self.optimizer.chained_optimizers:
+            if getattr(opt, "is_stub_optimizer", False):
+                continue
+            if clip > 0:
+                clip_grad_by_total_norm_fp32(opt.get_parameters(), max_norm=clip, total_norm=grad_norm)
+        self.optimizer.step_with_ready_grads()
+
+    # ----------------------------------------------------------------------------------------------
+    def _layer_grad_norms(self) -> dict[str, float]:
+        """Collective. Per global parameter name: the norm of its full reduced gradient (before clipping).
+
+        After the distributed optimizer's reduce-scatter each DP rank holds the reduced gradient of its shard
+        only; expert tensors are split over EP ranks and stages hold different layers. Squares of the owned
+        pieces are summed over the world per name; the tied lm-head copy (same gradient as the embedding)
+        is left out."""
+        sq: dict[str, float] = {}
+        for opt in self.optimizer.chained_optimizers:
+            if getattr(opt, "is_stub_optimizer", False):
+                continue
+            for p in opt.model_param_gbuf_map:
+                if getattr(p, "shared", False):
+                    continue
+                r = opt._get_model_param_range_map(p)["param"]
+                piece = p.main_grad.view(-1)[r.start:r.end].double()
+                name = self._param_names[p]
+                sq[name] = sq.get(name, 0.0) + float((piece * piece).sum())
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sq)
+        total: dict[str, float] = {}
+        for d in gathered:
+            for k, v in d.items():
+                total[k] = total.get(k, 0.0) + v
+        return {k: math.sqrt(v) for k, v in sorted(total.items())}
+
+    def layer_grad_norms(self) -> dict[str, float]:
+        """The per-parameter gradient norms of the last step (set `track_layer_grad_norms = True` before it)."""
+        if not self.track_layer_grad_norms:
+            raise RuntimeError("set engine.track_layer_grad_norms = True before train_step to record per-layer norms")
+        return dict(self.last_layer_grad_norms)
+
+    # ----------------------------------------------------------------------------------------------
+    def _sharded_model_state(self) -> dict[str, ShardedTensor]:
+        """This rank's parameters as ShardedTensors under their global names (the unsplit SailVL's).
+
+        replica_id = (pipeline copy, TP, DP copy): only the all-zero replica writes. Expert slices carry
+        their offset in the full [E, ...] tensor; the tied lm-head copy on the last stage is a replica of
+        `llm.embed_tokens.weight` (written by the first stage, loaded by both)."""
+        dp_rank, edp_rank = self.coords.dp_rank, self.coords.edp_rank
+        out: dict[str, ShardedTensor] = {}
+        for st in self.stages:
+            sd = st.state_dict(keep_vars=True)
+            for name, t in sd.items():
+                if _tied_head(name, t, sd):
+                    continue  # tied on one stage: one tensor, saved once
+                if getattr(t, "shared", False):
+                    out[name] = ShardedTensor.from_rank_offsets("llm.embed_tokens.weight", t,
+                                                                replica_id=(1, 0, dp_rank))
+                elif hasattr(t, "expert_parallel"):
+                    ep_rank, ep = t.expert_parallel
+                    out[name] = ShardedTensor.from_rank_offsets(name, t, (0, ep_rank, ep), replica_id=(0, 0, edp_rank))
+                else:
+                    out[name] = ShardedTensor.from_rank_offsets(name, t, replica_id=(0, 0, dp_rank))
+        return out
+
+    def _sharded_state(self, is_loading: bool) -> dict:
+        """Model + optimizer sharded state dict whose keys depend on nothing but the global parameter names.
+
+        Megatron names the optimizer tensors `chained_<i>.optimizer.state.<moment>.<param key>`, where i (dense or
+        expert optimizer, or the only one) depends on what a stage holds, and saves the optimizer's non-tensor
+        state (param groups) from rank 0 only although group order and hyper-parameters differ per stage. Here
+        the chain prefix is dropped (parameter keys are globally unique) and the non-tensor state stays local
+        (our lr / weight decay are set every step from the config); the one piece of it that matters, the
+        optimizer step count, is saved once as `optimizer_step`. So a checkpoint resumes exactly, and loads
+        into another PP / EP / DP layout."""
+        model_sd = self._sharded_model_state()
+        optim_sd = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+
+        def localise(node):
+            if isinstance(node, ShardedBase):
+                node.key = re.sub(r"^chained_\d+\.", "", node.key)
+                return node
+            if isinstance(node, dict):
+                return {k: localise(v) for k, v in node.items()}
+            if isinstance(node, list):
+                return [localise(v) for v in node]
+            return LocalNonpersistentObject(node)
+
+        return {"model": model_sd, "optimizer": localise(optim_sd), "optimizer_step": self._optimizer_steps}
+
+    def save(self, path: str) -> None:
+        """Collective: Megatron dist_checkpointing (torch_dist) of the model and the distributed optimizer."""
+        state = self._sharded_state(is_loading=False)
+        if self.env.rank == 0:
+            os.makedirs(path, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(state, path)
+        dist.barrier()
+
+    def load(self, path: str) -> None:
+        """Collective; `path` may come from a different PP / EP / DP layout (the keys are global)."""
+        if not os.path.isfile(os.path.join(path, "metadata.json")):
+            raise FileNotFoundError(f"{path}: no Megatron dist checkpoint (missing metadata.json); was it written "
+                                    "by the npu backend?")
+        state = self._sharded_state(is_loading=True)
+        params = {name: sh.data for name, sh in state["model"].items()}
+        loaded = dist_checkpointing.load(state, path)
+        with torch.no_grad():
+            for name, t in loaded["model"].items():
+                params[name].copy_(t)
+        steps = int(loaded["optimizer_step"])
+        optim = loaded["optimizer"]
+        for sd in ([optim] if len(self.optimizer.chained_optimizers) == 1 else optim.values()):
+            for group in sd["optimizer"]["param_groups"]:
+                group["step"] = steps  # torch AdamW: restored into each parameter's state; FusedAdam: per group
+        self.optimizer.load_state_dict(optim)
+        self._optimizer_steps = steps
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective. Rank 0 gets the whole native state dict (global names, full expert tensors, CPU);
+        the other ranks get {}."""
+        mine: list[tuple[str, torch.Tensor, tuple[int, int] | None]] = []
+        for st in self.stages:
+            sd = st.state_dict(keep_vars=True)
+            for name, t in sd.items():
+                if getattr(t, "shared", False) or _tied_head(name, t, sd):
+                    continue
+                ep = getattr(t, "expert_parallel", None)
+                writer = self.coords.edp_rank == 0 if ep is not None else self.coords.dp_rank == 0
+                if writer:
+                    mine.append((name, t.detach().cpu().clone(), ep))
+        gathered = [None] * dist.get_world_size() if self.env.rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if self.env.rank != 0:
+            return {}
+        full: dict[str, torch.Tensor] = {}
+        pieces: dict[str, dict[int, torch.Tensor]] = {}
+        for part in gathered:
+            for name, t, ep in part:
+                if ep is None:
+                    full[name] = t
+                else:
+                    pieces.setdefault(name, {})[ep[0]] = t
+        for name, by_rank in pieces.items():
+            full[name] = torch.cat([by_rank[r] for r in sorted(by_rank)], dim=0)
+        if self.cfg.model.llm.tie_embeddings:
+            full["llm.lm_head.weight"] = full["llm.embed_tokens.weight"]
+        return full
