@@ -453,6 +453,25 @@ def _coerce(value: Any, tp: Any, key: str, origin_of) -> Any:
     return value
 
 
+# Names other trainers use for our keys, so a typo of either gets a useful suggestion.
+_ALIASES = {"learning_rate": "lr", "max_steps": "steps", "num_steps": "steps", "train_steps": "steps",
+            "gradient_accumulation_steps": "micro_batches", "grad_accum": "micro_batches", "warmup": "warmup_steps",
+            "max_grad_norm": "grad_clip", "gradient_clipping": "grad_clip", "clip_grad": "grad_clip",
+            "output_dir": "out_dir", "save_dir": "out_dir", "lr_scheduler": "lr_schedule", "seed_value": "seed",
+            "seq_length": "pack_tokens", "max_seq_len": "pack_tokens", "max_length": "pack_tokens",
+            "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads",
+            "intermediate_size": "ffn_size", "moe_intermediate_size": "moe_ffn_size", "num_experts_per_tok": "top_k",
+            "tensor_model_parallel_size": "tp", "pipeline_model_parallel_size": "pp", "expert_model_parallel_size": "ep"}
+
+
+def _suggest(key: str, names: list[str]) -> str | None:
+    aliases = {a: t for a, t in _ALIASES.items() if t in names}
+    close = difflib.get_close_matches(key, names + list(aliases), n=1, cutoff=0.6)
+    if not close:
+        return None
+    return aliases.get(close[0], close[0])
+
+
 def _build(cls: type, data: dict, prefix: str, origin_of) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -461,8 +480,8 @@ def _build(cls: type, data: dict, prefix: str, origin_of) -> Any:
         key = prefix + str(k)
         if k not in names:
             origin = origin_of(key)
-            close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(names)}"
+            close = _suggest(str(k), names)
+            hint = f"; did you mean '{prefix}{close}'?" if close else f"; valid keys here: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{key}' (from {origin}){hint}")
         kwargs[k] = _coerce(v, hints[k], key, origin_of)
     return cls(**kwargs)

@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from conftest import rel_err
-from data_testutil import tiny_config
+import os
+
+from conftest import ROOT, rel_err
+from sail_dist.config import load_config
 from sail_dist.data.batch import PackedBatch
 from sail_dist.data.demo import DEMO_TOKENS, ensure_demo
 from sail_dist.data.loader import build_loader
@@ -40,7 +42,9 @@ def split_samples(mb: PackedBatch, downsample: int = 2) -> list[PackedBatch]:
 
 def test_loader_batches_give_every_sample_its_unpacked_loss(tmp_path):
     demo = ensure_demo(str(tmp_path / "demo")).root
-    cfg = tiny_config(demo_dir=demo)
+    cfg = load_config(os.path.join(ROOT, "configs", "model", "tiny.yaml"),
+                      ["data.demo=true", f"data.demo_dir={demo}", "data.max_tiles=4", "data.pack_tokens=512",
+                       "data.num_workers=0", "train.micro_batches=2"])
     model = SailVL(cfg.model, get_opset("reference"))
     model.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
     model.eval()
