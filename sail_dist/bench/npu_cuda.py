@@ -40,7 +40,15 @@ LAYOUTS = {
     "gpu": ["backend.name=gpu", "parallel.pp=1", "parallel.ep=1"],
     "pp2": ["backend.name=npu", "parallel.pp=2", "parallel.ep=1", "parallel.split.llm=[2,2]"],  # 2 layers a stage
     "ep2": ["backend.name=npu", "parallel.pp=1", "parallel.ep=2"],
+    # the 4- and 8-device layouts of the scale runs (issue 7)
+    "pp2ep2": ["backend.name=npu", "parallel.pp=2", "parallel.ep=2"],
+    "pp2ep4": ["backend.name=npu", "parallel.pp=2", "parallel.ep=4"],
+    "pp4ep2": ["backend.name=npu", "parallel.pp=4", "parallel.ep=2"],
 }
+
+
+def _pp(layout: str) -> int:
+    return int(next(o for o in LAYOUTS[layout] if o.startswith("parallel.pp=")).split("=")[1])
 
 
 def global_batches(cfg, size: dict, step: int, n_global: int) -> list:
@@ -66,7 +74,7 @@ def run(out: str, layout: str, size_name: str, steps: int, n_global: int, npu_op
     size = SIZES[size_name]
     cuda = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dp = world // 2 if layout == "pp2" else world
+    dp = world // _pp(layout)
     if n_global % dp:
         raise SystemExit(f"--global-micro-batches {n_global} is not divisible by DP {dp}")
     cfg = load_config(os.path.join(ROOT, size["config"]), [
