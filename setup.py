@@ -42,7 +42,8 @@ setup(
         # torch_npu and MindSpeed are installed on Ascend clusters from their own channels (docs/npu.md);
         # megatron-core 0.12.1 is the version MindSpeed's stable branches patch.
         "npu": ["megatron-core==0.12.1"],
-        "test": ["pytest", "hypothesis", "transformers>=4.51"],
+        "video": ["av"],  # video files (frame folders need nothing)
+        "test": ["pytest", "hypothesis", "transformers>=4.51", "av", "psutil"],
     },
     entry_points={"console_scripts": ["sail-train=sail_dist.cli:main"]},
 )

@@ -134,3 +134,39 @@ def test_video_file_without_decoder_says_how_to_fix(tmp_path):
     f.write_bytes(b"\x00" * 100)
     with pytest.raises(VideoError, match="pip install av"):
         video_info(str(f))
+
+
+def test_video_file_frames_are_sampled_uniformly(tmp_path):
+    """A real encoded video (PyAV): 40 frames whose colour encodes the index; 8 sampled frames come back in order."""
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    from sail_dist.data.vision import load_video_frames, video_info
+
+    path = str(tmp_path / "clip.mp4")
+    with av.open(path, "w") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.bit_rate = 20_000_000  # near-lossless, so the colour still names the frame
+        for i in range(40):
+            img = np.full((48, 64, 3), i * 6, dtype=np.uint8)
+            for pkt in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    n, (w, h) = video_info(path)
+    assert (n, w, h) == (40, 64, 48)
+    frames = load_video_frames(path, 8)
+    expect = [int((i + 0.5) * 40 / 8) for i in range(8)]  # 2, 7, 12, ...
+    got = [float(np.asarray(f).mean()) / 6 for f in frames]
+    assert all(abs(g - e) < 0.5 for g, e in zip(got, expect)), (got, expect)
+
+
+def test_unreadable_video_file_is_a_clear_error(tmp_path):
+    pytest.importorskip("av")
+    from sail_dist.data.vision import VideoError, load_video_frames
+
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video at all")
+    with pytest.raises(VideoError, match="broken.mp4"):
+        load_video_frames(str(bad), 4)
