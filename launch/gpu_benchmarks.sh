@@ -11,12 +11,12 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/common.sh"
 OUT_DIR="${1:-${OUT:-/tmp/sail_gpu_bench}}"
 mkdir -p "$OUT_DIR"
-export CUDA_DEVICE_MAX_CONNECTIONS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-ngpu=$(nvidia-smi -L | wc -l)
+sail_detect_gpus || { echo "gpu_benchmarks.sh: no NVIDIA GPU found" >&2; exit 1; }
+ngpu=$NGPU
 bench() {  # bench NAME NPROC args...
   local name="$1" n="$2"; shift 2
   echo "=== $name ($n GPU) ===" >&2
-  timeout "${BENCH_TIMEOUT:-420}" torchrun --nproc_per_node "$n" --master_port "$(python3 -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')" \
+  timeout "${BENCH_TIMEOUT:-420}" torchrun --nproc_per_node "$n" --master_port "$(sail_free_port)" \
     -m sail_dist.bench.train_step --label "$name" "$@" 2>"$OUT_DIR/$name.err" | tee "$OUT_DIR/$name.out" | tail -2
   tail -3 "$OUT_DIR/$name.err" | grep -iE "error|Traceback" >&2 || true
 }

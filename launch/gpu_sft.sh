@@ -13,14 +13,10 @@ source "$here/common.sh"
 CONFIG="${1:-configs/demo/demo.yaml}"
 shift || true
 
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  detected=$(nvidia-smi -L | wc -l)
-  export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
-  # NVLink multicast stays off: it can take shared hosts' GPUs out of service.
-  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if sail_detect_gpus; then
+  detected=$NGPU
 else
   detected="${CPU_RANKS:-2}"
-  export DS_ACCELERATOR=cpu
   echo "gpu_sft.sh: no NVIDIA GPU found; running the GPU backend on CPU (gloo) with $detected processes" >&2
 fi
 NPROC_PER_NODE="${NPROC_PER_NODE:-$detected}"

@@ -15,18 +15,12 @@ SIZE="${2:-a3b}"
 shift 2 || shift $# || true
 OUT_DIR="${OUT_DIR:-$(mktemp -d -t sail_npu_cuda.XXXXXX)}"
 mkdir -p "$OUT_DIR"
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
-  # NVLink multicast stays off: it can take shared hosts' GPUs out of service.
-  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-else
-  export DS_ACCELERATOR=cpu
-fi
+sail_detect_gpus || true
 
 for layout in gpu pp2 ep2; do
   echo "npu_cuda_bench.sh: $layout ..." >&2
   torchrun --nproc_per_node 2 --nnodes 1 --master_addr 127.0.0.1 \
-    --master_port "$(python3 -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')" \
+    --master_port "$(sail_free_port)" \
     -m sail_dist.bench.npu_cuda run "$OUT_DIR/$layout.json" --layout "$layout" --size "$SIZE" --steps "$STEPS" "$@"
 done
 python3 -m sail_dist.bench.npu_cuda report "$OUT_DIR/gpu.json" "$OUT_DIR/pp2.json" "$OUT_DIR/ep2.json"

@@ -24,7 +24,7 @@ COMMON=(train.steps="$STEPS" train.precision=fp32 train.eval_samples=0 train.out
 run() {  # run NPROC OUT overrides...
   local nproc="$1" out="$2"; shift 2
   torchrun --nproc_per_node "$nproc" --nnodes 1 --master_addr 127.0.0.1 \
-    --master_port "$(python3 -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')" \
+    --master_port "$(sail_free_port)" \
     -m sail_dist.bench.parity run "$out" "$CONFIG" "${COMMON[@]}" "$@"
 }
 
