@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, torchrun_cmd
 from dist.engine_run import step_batches
 from sail_dist.config import load_config
 from sail_dist.kernels import get_opset
@@ -26,8 +25,7 @@ COMMON = ["train.steps=5", "train.micro_batches=2", "train.lr=2e-3", "train.warm
 def torchrun(nproc: int, args: list[str], tmp_path, timeout: int = 600) -> list[dict]:
     out = tmp_path / "out.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "tests")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29500 + os.getpid() % 2000), os.path.join(ROOT, "tests", "dist", "engine_run.py"), str(out), *args]
+    cmd = torchrun_cmd(nproc, os.path.join(ROOT, "tests", "dist", "engine_run.py"), str(out), *args)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return json.loads(out.read_text())

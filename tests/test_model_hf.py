@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_sample, model_config, pack, rel_err
-from sail_dist.config import ModelConfig, load_config
+from sail_dist.config import load_config
 from sail_dist.kernels import get_opset
 from sail_dist.model import hf
 from sail_dist.model.sailvl import SailVL

@@ -11,13 +11,12 @@ import itertools
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import ROOT, model_config, rel_err
+from conftest import ROOT, free_port, model_config, rel_err, torchrun_cmd
 from dist.engine_run import step_batches
 from sail_dist.config import ParallelConfig, PipelineSplit, load_config
 from sail_dist.kernels import get_opset
@@ -211,7 +210,7 @@ def _ep_worker(rank: int, world: int, port: int, route: str, out_dir: str) -> No
 
 @pytest.mark.parametrize("route", ["spread", "one_rank"])
 def test_expert_parallel_dispatch_equals_unsharded_experts(tmp_path, route):
-    port = 21000 + (os.getpid() * 13 + len(route)) % 20000
+    port = free_port()
     mp.start_processes(_ep_worker, args=(2, port, route, str(tmp_path)), nprocs=2, start_method="spawn")
     for r in range(2):
         errs = json.loads((tmp_path / f"ep{r}.json").read_text())
@@ -225,9 +224,7 @@ def torchrun(nproc: int, mode: str, tmp_path, *overrides: str, config: str = TIN
              out_name: str = "out.json", **env_extra: str) -> dict:
     out = tmp_path / out_name
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "tests"), **env_extra}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(22000 + (os.getpid() * 11 + len(str(tmp_path)) + len(mode)) % 20000),
-           os.path.join(ROOT, "tests", "dist", "npu_run.py"), mode, str(out), config, *overrides]
+    cmd = torchrun_cmd(nproc, os.path.join(ROOT, "tests", "dist", "npu_run.py"), mode, str(out), config, *overrides)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return json.loads(out.read_text())

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, torchrun_cmd
 
 pytest.importorskip("deepspeed")
 DEMO = os.path.join(ROOT, "configs", "demo", "demo.yaml")
@@ -23,11 +23,10 @@ def demo_dir(tmp_path_factory):
 
 
 def _cmd(nproc: int, out_dir: str, demo_dir: str, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(20000 + (os.getpid() * 7 + len(out_dir)) % 20000), "-m", "sail_dist", "--config", DEMO,
+    return torchrun_cmd(nproc, "-m", "sail_dist", "--config", DEMO,
             f"train.out_dir={out_dir}", f"data.demo_dir={demo_dir}", "train.eval_samples=0", "train.log_every=1",
             "data.pack_tokens=512", "data.num_workers=1", "train.micro_batches=2", "train.lr_schedule=cosine",
-            "train.warmup_steps=2", *overrides]
+            "train.warmup_steps=2", *overrides)
 
 
 def _env() -> dict:

@@ -91,4 +91,5 @@ class GPUBackend:
 
     def teardown(self) -> None:
         if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no rank tears its communicator down while a peer still uses it
             torch.distributed.destroy_process_group()
