@@ -89,7 +89,10 @@ class GPUBackend:
 
         return DeepSpeedEngine(cfg, env)
 
-    def teardown(self) -> None:
+    def teardown(self, clean: bool = True) -> None:
+        """clean: every rank got here normally, so wait for the others before tearing the group down
+        (after an error a peer may never arrive)."""
         if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # no rank tears its communicator down while a peer still uses it
+            if clean:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()

@@ -141,7 +141,9 @@ class NPUBackend:
             raise RuntimeError("NPUBackend.build() before setup()")
         return MegatronEngine(cfg, env, self.dims, self.platform)
 
-    def teardown(self) -> None:
+    def teardown(self, clean: bool = True) -> None:
+        if clean and dist.is_initialized():
+            dist.barrier()  # see GPUBackend.teardown
         if self.dims is not None:
             from megatron.core import parallel_state as ps
 

@@ -48,10 +48,13 @@ def train(cfg: Config) -> dict:
     env = backend.setup(cfg)
     setup_logging(env.rank)
     seed_everything(cfg.train.seed + env.rank)
+    clean = False
     try:
-        return _train(cfg, backend, env)
+        summary = _train(cfg, backend, env)
+        clean = True
+        return summary
     finally:
-        backend.teardown()
+        backend.teardown(clean=clean)
 
 
 def _train(cfg: Config, backend, env) -> dict:
