@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from sail_dist.config import Config
@@ -68,6 +69,24 @@ class Backend(Protocol):
     def build(self, cfg: Config, env: DistEnv) -> Engine: ...
 
     def teardown(self, clean: bool = True) -> None: ...
+
+
+def model_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """train.precision: `auto` = bf16 on accelerators (fp32 master weights in the optimizer), fp32 on CPU."""
+    p = cfg.train.precision
+    if p == "bf16" or (p == "auto" and device.type != "cpu"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def all_reduce_sum(group: dist.ProcessGroup | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An in-place sum over `group` (the hook engines give `MoE.reduce_counts`)."""
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=group)
+        return t
+
+    return reduce
 
 
 _BACKENDS = {"gpu": "sail_dist.backends.gpu.backend:GPUBackend", "npu": "sail_dist.backends.npu.backend:NPUBackend"}

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from sail_dist.backends.base import DistEnv, StepStats
+from sail_dist.backends.base import DistEnv, StepStats, all_reduce_sum, model_dtype
 from sail_dist.config import Config
 from sail_dist.data.batch import PackedBatch
 from sail_dist.kernels import get_opset
@@ -52,13 +52,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def model_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    p = cfg.train.precision
-    if p == "bf16" or (p == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
-
-
 class DeepSpeedEngine:
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         import deepspeed
@@ -77,7 +70,7 @@ class DeepSpeedEngine:
         for m in moe:
             m.aux_grad_scale = cfg.model.llm.aux_loss_coeff / (len(moe) * t.micro_batches)
             if env.dp_size > 1:
-                m.reduce_counts = _all_reduce_sum
+                m.reduce_counts = all_reduce_sum()
         self.ds_config = self._ds_config()
         groups = param_groups(self.model, t.weight_decay)
         if cfg.backend.offload_optimizer == "cpu":
@@ -194,7 +187,3 @@ class DeepSpeedEngine:
         """ZeRO-2 keeps full parameters on every rank: the module's own state dict is complete."""
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(t)
-    return t

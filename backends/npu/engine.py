@@ -44,7 +44,7 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32  # n
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
-from sail_dist.backends.base import DistEnv, StepStats  # noqa: E402
+from sail_dist.backends.base import DistEnv, StepStats, all_reduce_sum, model_dtype  # noqa: E402
 from sail_dist.config import Config  # noqa: E402
 from sail_dist.data.batch import PackedBatch  # noqa: E402
 from sail_dist.kernels import get_opset  # noqa: E402
@@ -72,25 +72,9 @@ def resolve_opset(cfg: Config, platform: str):
     return get_opset(name, moe_impl=cfg.backend.moe_impl) if name == "gpu" else get_opset(name)
 
 
-def model_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """The GPU backend's rule: bf16 on accelerators (auto), fp32 on CPU; train.precision forces one."""
-    p = cfg.train.precision
-    if p == "bf16" or (p == "auto" and device.type != "cpu"):
-        return torch.bfloat16
-    return torch.float32
-
-
 def _tied_head(name: str, t: torch.Tensor, sd: dict) -> bool:
     """The lm head of a stage that also holds the embedding it is tied to (the same tensor twice)."""
     return name == "llm.lm_head.weight" and t is sd.get("llm.embed_tokens.weight")
-
-
-def _all_reduce_sum(group):
-    def reduce(t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, group=group)
-        return t
-
-    return reduce
 
 
 class MegatronEngine:
@@ -131,7 +115,7 @@ class MegatronEngine:
         self.local_moe = [x for chunk in self._chunk_moe for x in chunk]
         dp_group = ps.get_data_parallel_group()
         for _, m in self.local_moe:
-            m.reduce_counts = _all_reduce_sum(dp_group) if dims.dp > 1 else None
+            m.reduce_counts = all_reduce_sum(dp_group) if dims.dp > 1 else None
 
         # Megatron config: model metadata for the schedules and DDP (our layers are not Megatron's).
         self.pad_pipeline = dims.vpp > 1
