@@ -79,6 +79,10 @@ def _train(cfg: Config, backend, env) -> dict:
     for step in range(start, t.steps):
         data = next(loader)
         data_stats = data.stats.as_dict()
+        if data_stats["dropped"] and env.is_main:  # planning drops are global: report them once
+            log.warning("step %d: skipped bad samples %s (data.on_bad_sample=skip)", step + 1, data_stats["dropped"])
+        if data_stats["decode_dropped"]:  # decode drops are this rank's own
+            log.warning("step %d, rank %d: skipped samples at decode %s", step + 1, env.rank, data_stats["decode_dropped"])
         stats = engine.train_step(data.micro_batches, step)
         if stats.skipped:
             nonfinite_run += 1
