@@ -157,6 +157,30 @@ def _row_tile_schedule(M, N, offsets_ptr, E: tl.constexpr, E_PAD: tl.constexpr, 
     return expert, row_start, row_end, pid_n
 
 
+@triton.jit
+def _gathered_tile_matmul(a_ptr, src, stride_am, w_ptr, expert, stride_we, stride_wk, stride_wn, offs_n_ld, K,
+                          DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] tile of A[src] @ W[expert] (rows of A gathered by `src`, W addressed through its
+    strides so a transposed view needs no copy); the K loop shared by the grouped GEMM kernels."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + src[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n_ld[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_mask = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = _dot(a, b, acc, DOT_PREC)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
@@ -260,22 +284,9 @@ def _grouped_gemm_kernel(
         offs_n_ld = offs_n
     else:
         offs_n_ld = tl.where(n_mask, offs_n, 0)
-    offs_k = tl.arange(0, BLOCK_K)
 
-    a_ptrs = a_ptr + src[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n_ld[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_mask = offs_k < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
-        acc = _dot(a, b, acc, DOT_PREC)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_wk
+    acc = _gathered_tile_matmul(a_ptr, src, stride_am, w_ptr, expert, stride_we, stride_wk, stride_wn, offs_n_ld,
+                                K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
 
     if HAS_SCALE:
         scale = tl.load(scale_ptr + rows_ld).to(tl.float32)
@@ -320,22 +331,9 @@ def _down_dgrad_swiglu_bwd_kernel(
         offs_n_ld = offs_n
     else:
         offs_n_ld = tl.where(n_mask, offs_n, 0)
-    offs_k = tl.arange(0, BLOCK_K)
 
-    a_ptrs = dy_ptr + src[:, None] * stride_dym + offs_k[None, :]
-    b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n_ld[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_mask = offs_k < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
-        acc = _dot(a, b, acc, DOT_PREC)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_wk
+    acc = _gathered_tile_matmul(dy_ptr, src, stride_dym, w_ptr, expert, stride_we, stride_wk, stride_wn, offs_n_ld,
+                                K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
 
     mask = row_mask[:, None] & n_mask[None, :]
     h_ptrs = h_ptr + rows_ld[:, None] * stride_hm + offs_n_ld[None, :]
