@@ -57,6 +57,15 @@ def available_opsets() -> list[str]:
     return sorted(_FACTORIES)
 
 
+# Backend-config options each OpSet understands (the others take none).
+_CONFIG_OPTIONS = {"gpu": ("moe_impl",)}
+
+
+def opset_for_backend(name: str, backend_cfg) -> OpSet:
+    """The OpSet `name` with the options it takes from a BackendConfig (e.g. the GPU set's `moe_impl`)."""
+    return get_opset(name, **{k: getattr(backend_cfg, k) for k in _CONFIG_OPTIONS.get(name, ())})
+
+
 def get_opset(name: str, **options) -> OpSet:
     """Build the OpSet registered as `name`; options go to its factory (e.g. moe_impl="grouped_mm")."""
     if name not in _FACTORIES:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from sail_dist.backends.base import DistEnv, StepStats, all_reduce_sum, model_dtype
 from sail_dist.config import Config
 from sail_dist.data.batch import PackedBatch
-from sail_dist.kernels import get_opset
+from sail_dist.kernels import opset_for_backend
 from sail_dist.model.build import build_model
 from sail_dist.model.flops import batch_flops
 from sail_dist.parallel.checkpointing import apply_activation_checkpointing
@@ -39,7 +39,7 @@ def resolve_opset(cfg: Config, device: torch.device):
     name = cfg.backend.opset
     if name == "auto":
         name = "gpu" if device.type == "cuda" else "reference"
-    return get_opset(name, moe_impl=cfg.backend.moe_impl) if name == "gpu" else get_opset(name)
+    return opset_for_backend(name, cfg.backend)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

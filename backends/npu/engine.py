@@ -47,7 +47,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 from sail_dist.backends.base import DistEnv, StepStats, all_reduce_sum, model_dtype  # noqa: E402
 from sail_dist.config import Config  # noqa: E402
 from sail_dist.data.batch import PackedBatch  # noqa: E402
-from sail_dist.kernels import get_opset  # noqa: E402
+from sail_dist.kernels import opset_for_backend  # noqa: E402
 from sail_dist.model.build import build_model  # noqa: E402
 from sail_dist.model.flops import batch_flops, sample_flops  # noqa: E402
 from sail_dist.parallel.checkpointing import apply_activation_checkpointing  # noqa: E402
@@ -69,7 +69,7 @@ def resolve_opset(cfg: Config, platform: str):
     if name == "npu" and platform != "npu":
         raise ValueError("backend.opset=npu needs an Ascend NPU with torch_npu; use backend.opset=npu_emulated "
                          "(or auto) on CPU/CUDA")
-    return get_opset(name, moe_impl=cfg.backend.moe_impl) if name == "gpu" else get_opset(name)
+    return opset_for_backend(name, cfg.backend)
 
 
 def _tied_head(name: str, t: torch.Tensor, sd: dict) -> bool:
