@@ -4,7 +4,7 @@
 #   bash launch/gpu_benchmarks.sh [OUT_DIR]
 #
 # 1 GPU: the 2B shape (full ViT, all 28 LLM layers) with ZeRO-2, without and with CPU offload (DeepSpeedCPUAdam);
-# 2 GPUs (when present): the same without offload, for the scaling efficiency; 1 GPU: the reduced A3B shape
+# 1 GPU: the same with train.compile=true (per-block torch.compile); 2 GPUs (when present): the same without offload, for the scaling efficiency; 1 GPU: the reduced A3B shape
 # (4 MoE layers, real widths) end to end with loop / grouped_mm / triton experts.
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -21,15 +21,16 @@ bench() {  # bench NAME NPROC args...
   tail -3 "$OUT_DIR/$name.err" | grep -iE "error|Traceback" >&2 || true
 }
 TWO_B=(--model configs/model/sailvl2_2b.yaml --seq 8192 --sample-len 2048 --tiles-per-sample 2 --steps 8 --warmup 3)
-case "${PARTS:-2b,offload,scale,a3b}" in *2b*) bench 2b_zero2 1 "${TWO_B[@]}" --micro-batches 4 ;; esac
-case "${PARTS:-2b,offload,scale,a3b}" in *offload*)
+case "${PARTS:-2b,compile,offload,scale,a3b}" in *2b*) bench 2b_zero2 1 "${TWO_B[@]}" --micro-batches 4 ;; esac
+case "${PARTS:-2b,compile,offload,scale,a3b}" in *compile*) bench 2b_zero2_compile 1 "${TWO_B[@]}" --micro-batches 4 train.compile=true ;; esac
+case "${PARTS:-2b,compile,offload,scale,a3b}" in *offload*)
   # 8 micro-batches per step (64k tokens per GPU) for both, so the host optimizer step is amortised alike
   bench 2b_zero2_mb8 1 "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2
   bench 2b_zero2_offload_mb8 1 "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2 --offload cpu ;; esac
-case "${PARTS:-2b,offload,scale,a3b}" in *scale*) [ "$ngpu" -ge 2 ] && bench 2b_zero2_2gpu 2 "${TWO_B[@]}" --micro-batches 4 ;; esac
+case "${PARTS:-2b,compile,offload,scale,a3b}" in *scale*) [ "$ngpu" -ge 2 ] && bench 2b_zero2_2gpu 2 "${TWO_B[@]}" --micro-batches 4 ;; esac
 A3B=(--model configs/model/sailvl2_a3b.yaml --llm-layers 4 --seq 8192 --sample-len 2048 --tiles-per-sample 1 --steps 6
      --warmup 2 --micro-batches 2 model.vit.num_layers=2)
-case "${PARTS:-2b,offload,scale,a3b}" in *a3b*)
+case "${PARTS:-2b,compile,offload,scale,a3b}" in *a3b*)
   for impl in loop grouped_mm triton; do bench "a3b4_$impl" 1 "${A3B[@]}" "backend.moe_impl=$impl"; done ;;
 esac
 case "${PARTS:-}" in *profile*)

@@ -111,11 +111,14 @@ CASES = {
 @here
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dgrad", ["fused", "split"])
-def test_forward_and_grads_match_reference_fp32(case, dgrad, monkeypatch):
+@pytest.mark.parametrize("gemms", ["triton", "grouped_mm"])
+def test_forward_and_grads_match_reference_fp32(case, dgrad, gemms, monkeypatch):
     T, K, E, H, F, kw = CASES[case]
     inputs = _case(T, K, E, H, F, **kw)
     want = _fwd_bwd(ref.moe_experts, *inputs, torch.float64, "cpu")
     monkeypatch.setattr(moe, "DGRAD_MODE", dgrad)  # both variants of the down-projection backward
+    for name in ("WGRAD_IMPL", "DX_IMPL", "G_IMPL", "FWD_DOWN_IMPL"):
+        monkeypatch.setattr(moe, name, gemms)
     with moe.poison_outputs():
         got = _fwd_bwd(moe.moe_experts, *inputs, torch.float32, DEVICE)
     for name, g, w in zip(NAMES, got, want):

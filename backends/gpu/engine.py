@@ -96,6 +96,10 @@ class DeepSpeedEngine:
               "train_batch_size": t.micro_batches * self.env.dp_size, "gradient_clipping": t.grad_clip,
               "zero_optimization": zero, "bf16": {"enabled": self.dtype == torch.bfloat16},
               "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+        if self.dtype == torch.bfloat16 and cfg.backend.grad_accum_dtype == "fp32":
+            # DeepSpeed then keeps an fp32 gradient partition on the device across micro-batches. Without it, ZeRO-2
+            # with offload copies every micro-batch's gradients to the host and back (~10 GB per micro-batch at 2B).
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
         if cfg.backend.offload_optimizer == "cpu":
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
             ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.adam_betas), "eps": t.adam_eps,

@@ -314,7 +314,7 @@ def _down_dgrad_swiglu_bwd_kernel(
     """g = dy[tok[r]] @ w_down[e]^T (the gradient of the expert output before the routing weight), then:
       d_scale partial[pid_n, r] = sum_n g * act      (summed over column tiles by the caller)
       dh[r] = [d_act * up * silu'(gate), d_act * silu(gate)],  d_act = scale[r] * g
-      act[r] = silu(gate) * up                       (recomputed from h; the dW_down operand)
+      act_s[r] = scale[r] * silu(gate) * up          (act recomputed from h; the dW_down operand)
     The partials buffer has PART_ROWS >= cdiv(N, BLOCK_N) rows for every config; column tile 0 zeroes the
     rows this config does not use, so a previous config's partials (autotuning) never leak in."""
     expert, row_start, row_end, pid_n = _row_tile_schedule(M, N, offsets_ptr, E, E_PAD, BLOCK_M, BLOCK_N, GROUP)
@@ -342,15 +342,16 @@ def _down_dgrad_swiglu_bwd_kernel(
     sig = tl.sigmoid(gate)
     silu = gate * sig
     # The routing-weight gradient uses the same (rounded) act as the forward down GEMM's operand.
-    act_lp = (silu * up).to(act_ptr.dtype.element_ty)
-    tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :], act_lp, mask=mask)
-    d_scale = tl.sum(tl.where(mask, acc * act_lp.to(tl.float32), 0.0), 1)
+    act_lp = (silu * up).to(act_ptr.dtype.element_ty).to(tl.float32)
+    d_scale = tl.sum(tl.where(mask, acc * act_lp, 0.0), 1)
     tl.store(dscale_part_ptr + pid_n.to(tl.int64) * M + rows, d_scale, mask=row_mask)
     if pid_n == 0:
         for j in range(tl.cdiv(N, BLOCK_N), PART_ROWS):
             tl.store(dscale_part_ptr + j * M + rows, tl.zeros((BLOCK_M,), tl.float32), mask=row_mask)
 
     scale = tl.load(scale_ptr + rows_ld).to(tl.float32)
+    tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :],
+             (act_lp * scale[:, None]).to(act_ptr.dtype.element_ty), mask=mask)
     d_act = acc * scale[:, None]
     dh_ptrs = dh_ptr + rows.to(tl.int64)[:, None] * stride_dhm + offs_n[None, :]
     tl.store(dh_ptrs + N, (d_act * silu).to(dh_ptr.dtype.element_ty), mask=mask)
@@ -365,7 +366,7 @@ def _swiglu_bwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """The split path's elementwise half of step 3, one pass over rows: from g = dy[tok] @ w_down^T and
-    h, write act, dh and the full-row d_scale (no partials)."""
+    h, write act_s = scale * act, dh and the full-row d_scale (no partials)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)
@@ -380,9 +381,10 @@ def _swiglu_bwd_kernel(
         up = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(gate)
         silu = gate * sig
-        act_lp = (silu * up).to(act_ptr.dtype.element_ty)
-        tl.store(act_ptr + rows64[:, None] * stride_am + cols[None, :], act_lp, mask=mask)
-        d_scale += tl.sum(g * act_lp.to(tl.float32), 1)
+        act_lp = (silu * up).to(act_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(act_ptr + rows64[:, None] * stride_am + cols[None, :],
+                 (act_lp * scale[:, None]).to(act_ptr.dtype.element_ty), mask=mask)
+        d_scale += tl.sum(g * act_lp, 1)
         d_act = g * scale[:, None]
         dh_ptrs = dh_ptr + rows64[:, None] * stride_dhm + cols[None, :]
         tl.store(dh_ptrs + F, (d_act * silu).to(dh_ptr.dtype.element_ty), mask=mask)
@@ -395,18 +397,17 @@ def _swiglu_bwd_kernel(
                     "EVEN_NO": lambda a: a["NO"] % a["BLOCK_N"] == 0})
 @triton.jit
 def _grouped_wgrad_kernel(
-    a_ptr, b_ptr, dw_ptr, a_idx_ptr, b_idx_ptr, b_scale_ptr, offsets_ptr,
+    a_ptr, b_ptr, dw_ptr, a_idx_ptr, b_idx_ptr, offsets_ptr,
     MO, NO,  # dW[e] is [MO, NO]: MO = columns of a, NO = columns of b
     stride_am, stride_bm, stride_we, stride_wk,
-    GROUP: tl.constexpr, GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_B: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_MO: tl.constexpr, EVEN_NO: tl.constexpr,
+    GROUP: tl.constexpr, GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_MO: tl.constexpr,
+    EVEN_NO: tl.constexpr,
 ):
-    """dW[e] = A[rows_e]^T @ (b_scale * B)[rows_e], the reduction running over expert e's rows.
+    """dW[e] = A[rows_e]^T @ B[rows_e], the reduction running over expert e's rows.
 
-    A (and/or B) rows may be read through an index (x[tok], dy[tok]); B rows may be scaled (routing
-    weight). One program per (expert, output tile), experts outermost so one expert's rows stay in L2;
-    an empty expert writes its zero gradient."""
+    A (and/or B) rows may be read through an index (x[tok], dy[tok]). One program per (expert, output
+    tile), experts outermost so one expert's rows stay in L2; an empty expert writes its zero gradient."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(MO, BLOCK_M)
     tiles_n = tl.cdiv(NO, BLOCK_N)
@@ -447,13 +448,28 @@ def _grouped_wgrad_kernel(
         # A^T tile [BLOCK_M, BLOCK_K]: contiguous along the output's M dim.
         a = tl.load(a_ptr + a_rows[None, :] * stride_am + offs_m_ld[:, None], mask=r_mask[None, :], other=0.0)
         b = tl.load(b_ptr + b_rows[:, None] * stride_bm + offs_n_ld[None, :], mask=r_mask[:, None], other=0.0)
-        if SCALE_B:
-            s = tl.load(b_scale_ptr + rows_ld).to(tl.float32)
-            b = (b.to(tl.float32) * s[:, None]).to(b_ptr.dtype.element_ty)
         acc = _dot(a, b, acc, DOT_PREC)
 
     dw_ptrs = dw_ptr + expert.to(tl.int64) * stride_we + offs_m.to(tl.int64)[:, None] * stride_wk + offs_n[None, :]
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _gather_sum_kernel(src_ptr, row_ptr, scale_ptr, out_ptr, N, stride_sm, stride_om,
+                       K: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[t] = sum_k scale[t*K + k] * src[row[t*K + k]] (fp32, slots in order: deterministic): the
+    combine when the per-row results are in expert-sorted order (row = the sort's inverse)."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for k in tl.static_range(K):
+        row = tl.load(row_ptr + t * K + k).to(tl.int64)
+        v = tl.load(src_ptr + row * stride_sm + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            v = v * tl.load(scale_ptr + t * K + k).to(tl.float32)
+        acc += v
+    tl.store(out_ptr + t * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -537,8 +553,8 @@ def grouped_gemm(a, w_EKN, r: Routing, out_rows: int, scale_M=None, transpose_w=
 _PART_ROWS_BLOCK_N = 8 if INTERPRET else min(c.kwargs["BLOCK_N"] for c in _DGRAD_SWIGLU_CONFIGS)
 
 
-def down_dgrad_fused(dy_TH, w_EFH, h_MF2, scale_M, r: Routing):
-    """Step 3 in one kernel -> (dh_M2F, act_MF, d_scale_M fp32)."""
+def down_dgrad_fused(dy_TH, w_EFH, h_MF2, scale_M, r: Routing, dy_MH=None):
+    """Step 3 in one kernel -> (dh_M2F, act_s_MF = scale * act, d_scale_M fp32). (dy_MH: unused here.)"""
     E, F, H = w_EFH.shape
     M = r.num_rows
     dh_MF2 = _out((M, 2 * F), dy_TH.dtype, dy_TH.device)
@@ -553,11 +569,14 @@ def down_dgrad_fused(dy_TH, w_EFH, h_MF2, scale_M, r: Routing):
     return dh_MF2, act_MF, part_NM.sum(0)
 
 
-def down_dgrad_split(dy_TH, w_EFH, h_MF2, scale_M, r: Routing):
-    """Step 3 as the plain grouped GEMM g = dy[tok] @ w_down^T plus one elementwise SwiGLU-backward pass
-    -> (dh_M2F, act_MF, d_scale_M fp32)."""
+def down_dgrad_split(dy_TH, w_EFH, h_MF2, scale_M, r: Routing, dy_MH=None):
+    """Step 3 as the plain grouped GEMM g = dy[tok] @ w_down^T (from the pre-gathered dy_MH = dy[tok] when
+    given and G_IMPL says so) plus one elementwise SwiGLU-backward pass -> (dh_M2F, act_s_MF, d_scale_M fp32)."""
     F, M = w_EFH.shape[1], r.num_rows
-    g_MF = grouped_gemm(dy_TH, w_EFH, r, M, transpose_w=True, gather_a=True)
+    if dy_MH is not None and G_IMPL == "grouped_mm" and _gmm_ok(dy_MH, w_EFH.transpose(1, 2)):
+        g_MF = _gmm(dy_MH, w_EFH.transpose(1, 2), r)
+    else:
+        g_MF = grouped_gemm(dy_TH, w_EFH, r, M, transpose_w=True, gather_a=True)
     dh_MF2 = _out((M, 2 * F), dy_TH.dtype, dy_TH.device)
     act_MF = _out((M, F), dy_TH.dtype, dy_TH.device)
     dscale_M = _out((M,), torch.float32, dy_TH.device)
@@ -597,31 +616,101 @@ def dgrad_mode(dy_TH, w_EFH, h_MF2, scale_M, r: Routing) -> str:
     return _dgrad_choice[key]
 
 
-def down_dgrad(dy_TH, w_EFH, h_MF2, scale_M, r: Routing):
+def down_dgrad(dy_TH, w_EFH, h_MF2, scale_M, r: Routing, dy_MH=None):
     fn = down_dgrad_split if dgrad_mode(dy_TH, w_EFH, h_MF2, scale_M, r) == "split" else down_dgrad_fused
-    return fn(dy_TH, w_EFH, h_MF2, scale_M, r)
+    return fn(dy_TH, w_EFH, h_MF2, scale_M, r, dy_MH)
 
 
-def grouped_wgrad(a, b, r: Routing, dtype, a_idx=None, b_idx=None, b_scale=None):
-    """dW[e] = a[rows_e]^T @ (b_scale * b)[rows_e] -> [E, a.shape[1], b.shape[1]]; rows read through
-    a_idx / b_idx when given (a[a_idx[row]])."""
+# --------------------------------------------------------------------------------------------------
+# torch._grouped_mm (CUTLASS on Hopper) for the GEMMs where it beats ours
+# --------------------------------------------------------------------------------------------------
+# EXPLORATION switches: "triton" | "grouped_mm"
+WGRAD_IMPL = os.environ.get("SAIL_MOE_WGRAD", "grouped_mm")
+DX_IMPL = os.environ.get("SAIL_MOE_DX", "triton")
+G_IMPL = os.environ.get("SAIL_MOE_G", "triton")
+FWD_DOWN_IMPL = os.environ.get("SAIL_MOE_FWD_DOWN", "triton")
+
+
+def _gmm_ok(*mats) -> bool:
+    """torch._grouped_mm's operand rules: a 16-byte-aligned base, one unit stride and the other a multiple
+    of 16 bytes."""
+    for m in mats:
+        es, (s0, s1) = m.element_size(), m.stride()[-2:]
+        if m.data_ptr() % 16 or not ((s1 == 1 and s0 * es % 16 == 0) or (s0 == 1 and s1 * es % 16 == 0)):
+            return False
+    return True
+
+
+def _gmm(a, b, r: Routing):
+    """torch._grouped_mm over the expert groups of the sorted rows (a 2-D: rows = the groups' M; a and b
+    2-D: a = X^T, the groups run along the reduction). Group sizes need no alignment here: rows are
+    row-major operands or the reduction of a transposed one, which CUTLASS addresses without TMA
+    realignment (torch checks only the other layouts)."""
+    return torch._grouped_mm(a, b, offs=r.offsets_E1[1:])
+
+
+def wgrad(a_MA, b_MB, r: Routing, dtype, a_rows=None, b_rows=None):
+    """dW[e] = A[rows_e]^T @ B[rows_e] -> [E, A cols, B cols]; A = a[a_rows] (rows gathered) when a_rows is
+    given, else a; likewise B."""
+    E, M = r.num_experts, r.num_rows
+    if WGRAD_IMPL == "grouped_mm" and M and _gmm_ok(a_MA, b_MB):
+        a = a_MA if a_rows is None else a_MA.index_select(0, a_rows)
+        b = b_MB if b_rows is None else b_MB.index_select(0, b_rows)
+        return _gmm(a.t(), b, r)
+    return grouped_wgrad(a_MA, b_MB, r, dtype, a_idx=a_rows, b_idx=b_rows)
+
+
+def grouped_wgrad(a, b, r: Routing, dtype, a_idx=None, b_idx=None):
+    """dW[e] = a[rows_e]^T @ b[rows_e] -> [E, a.shape[1], b.shape[1]] in the Triton kernel; rows read
+    through a_idx / b_idx when given (a[a_idx[row]])."""
     E = r.num_experts
     MO, NO = a.shape[1], b.shape[1]
     dw = _out((E, MO, NO), dtype, a.device)
     grid = lambda meta: (E * triton.cdiv(MO, meta["BLOCK_M"]) * triton.cdiv(NO, meta["BLOCK_N"]),)
     _grouped_wgrad_kernel[grid](
         a, b, dw, a_idx if a_idx is not None else r.tok_M, b_idx if b_idx is not None else r.tok_M,
-        b_scale if b_scale is not None else b, r.offsets_E1, MO, NO,
-        a.stride(0), b.stride(0), dw.stride(0), dw.stride(1),
-        GROUP=GROUP_M, GATHER_A=a_idx is not None, GATHER_B=b_idx is not None, SCALE_B=b_scale is not None,
-        DOT_PREC=_dot_prec(a.dtype))
+        r.offsets_E1, MO, NO, a.stride(0), b.stride(0), dw.stride(0), dw.stride(1),
+        GROUP=GROUP_M, GATHER_A=a_idx is not None, GATHER_B=b_idx is not None, DOT_PREC=_dot_prec(a.dtype))
     return dw
+
+
+def inverse_rows(r: Routing) -> torch.Tensor:
+    """int32 [M]: flat slot t*K + k -> its sorted row."""
+    inv = torch.empty_like(r.pos_M)
+    inv[r.perm_M] = torch.arange(r.num_rows, dtype=inv.dtype, device=inv.device)
+    return inv
+
+
+def gather_sum(src_MN, inv_M, T: int, K: int, scale_TK=None):
+    """out[t] = sum_k scale[t, k] * src[inv[t*K + k]] -> [T, N]: the combine from expert-sorted rows."""
+    N = src_MN.shape[1]
+    out = _out((T, N), src_MN.dtype, src_MN.device)
+    block_n = 16 if INTERPRET else 1024
+    if T:
+        _gather_sum_kernel[(T, triton.cdiv(N, block_n))](
+            src_MN, inv_M, scale_TK if scale_TK is not None else src_MN, out, N, src_MN.stride(0), out.stride(0),
+            K=K, HAS_SCALE=scale_TK is not None, BLOCK_N=block_n, num_warps=4)
+    return out
 
 
 def combine(y_MH: torch.Tensor, T: int, K: int) -> torch.Tensor:
     """[T*K, H] in (token, slot) order -> [T, H]: the unpermute is a contiguous sum over the slots."""
     H = y_MH.shape[1]
     return y_MH.view(T, K, H).sum(1) if K > 1 else y_MH.view(T, H)
+
+
+def down_fwd(act_MF, w_EFH, r: Routing, scale_M, weight_TK, T: int, K: int) -> torch.Tensor:
+    """Step 2 and the combine -> y_TH."""
+    if FWD_DOWN_IMPL == "grouped_mm" and r.num_rows and _gmm_ok(act_MF, w_EFH):
+        return gather_sum(_gmm(act_MF, w_EFH, r), inverse_rows(r), T, K, weight_TK.reshape(-1))
+    return combine(grouped_gemm(act_MF, w_EFH, r, T * K, scale_M=scale_M, scatter_out=True), T, K)
+
+
+def gate_up_dgrad(dh_MF2, w_EHF2, r: Routing, T: int, K: int) -> torch.Tensor:
+    """Step 4 and its combine -> dx_TH."""
+    if DX_IMPL == "grouped_mm" and r.num_rows and _gmm_ok(dh_MF2, w_EHF2.transpose(1, 2)):
+        return gather_sum(_gmm(dh_MF2, w_EHF2.transpose(1, 2), r), inverse_rows(r), T, K)
+    return combine(grouped_gemm(dh_MF2, w_EHF2, r, T * K, transpose_w=True, scatter_out=True), T, K)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -642,8 +731,7 @@ class MoEExpertsFunction(torch.autograd.Function):
         scale_M = topk_weight_TK.reshape(-1).index_select(0, r.perm_M)
 
         h_MF2, act_MF = gate_up_fwd(x_TH, w_gate_up_EHF2, r)
-        y_MH = grouped_gemm(act_MF, w_down_EFH, r, T * K, scale_M=scale_M, scatter_out=True)
-        y_TH = combine(y_MH, T, K)
+        y_TH = down_fwd(act_MF, w_down_EFH, r, scale_M, topk_weight_TK, T, K)
 
         ctx.save_for_backward(x_TH, w_gate_up_EHF2, w_down_EFH, h_MF2, scale_M, r.offsets_E1, r.pos_M,
                               r.tok_M, r.expert_M, r.perm_M)
@@ -658,19 +746,26 @@ class MoEExpertsFunction(torch.autograd.Function):
         r = Routing(offsets_E1, pos_M, tok_M, expert_M, perm_M)
         need_x, _, need_w, need_gu, need_dn = ctx.needs_input_grad
         dy_TH = dy_TH.contiguous().to(x_TH.dtype)
+        tok_long = tok_M.long()
+        dy_MH = None
+        if r.num_rows and (G_IMPL == "grouped_mm" or (need_dn and WGRAD_IMPL == "grouped_mm")):
+            dy_MH = dy_TH.index_select(0, tok_long)
 
-        dh_MF2, act_MF, dscale_M = down_dgrad(dy_TH, w_dn, h_MF2, scale_M, r)
+        dh_MF2, act_s_MF, dscale_M = down_dgrad(dy_TH, w_dn, h_MF2, scale_M, r, dy_MH)
         dx = d_weight = d_gu = d_dn = None
         if need_x:
-            dx = combine(grouped_gemm(dh_MF2, w_gu, r, T * K, transpose_w=True, scatter_out=True), T, K)
+            dx = gate_up_dgrad(dh_MF2, w_gu, r, T, K)
         if need_w:
             d_weight = torch.empty(T * K, dtype=torch.float32, device=dy_TH.device)
             d_weight[perm_M] = dscale_M
             d_weight = d_weight.view(T, K).to(ctx.weight_dtype)
         if need_gu:
-            d_gu = grouped_wgrad(x_TH, dh_MF2, r, w_gu.dtype, a_idx=tok_M)
+            d_gu = wgrad(x_TH, dh_MF2, r, w_gu.dtype, a_rows=tok_long)
         if need_dn:
-            d_dn = grouped_wgrad(act_MF, dy_TH, r, w_dn.dtype, b_idx=tok_M, b_scale=scale_M)
+            if dy_MH is not None:
+                d_dn = wgrad(act_s_MF, dy_MH, r, w_dn.dtype)
+            else:
+                d_dn = wgrad(act_s_MF, dy_TH, r, w_dn.dtype, b_rows=tok_long)
         return dx, None, d_weight, d_gu, d_dn
 
 

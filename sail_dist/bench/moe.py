@@ -105,44 +105,34 @@ def _breakdown(x, idx, w, wgu, wd, dy) -> dict:
     E, H, F2 = wgu.shape
     F, M = F2 // 2, T * K
     r = tmoe.route(idx, E)
+    tok = r.tok_M
     scale = w.reshape(-1).index_select(0, r.perm_M)
     h, act = tmoe.gate_up_fwd(x, wgu, r)
-    y_MH = tmoe.grouped_gemm(act, wd, r, M, scale_M=scale, scatter_out=True)
-    dh, act2, _ = tmoe.down_dgrad_fused(dy, wd, h, scale, r)
-    g = tmoe.grouped_gemm(dy, wd, r, M, transpose_w=True, gather_a=True)
+    dy_MH = dy.index_select(0, tok)
+    dh, act_s, _ = tmoe.down_dgrad_split(dy, wd, h, scale, r, dy_MH)
+    x_MH = x.index_select(0, tok)
     stages = {
         "route": (lambda: tmoe.route(idx, E), 0),
         "fwd_gate_up_swiglu": (lambda: tmoe.gate_up_fwd(x, wgu, r), 2 * M * H * F2),
-        "fwd_down_scatter": (lambda: tmoe.grouped_gemm(act, wd, r, M, scale_M=scale, scatter_out=True),
-                             2 * M * F * H),
-        "fwd_combine": (lambda: tmoe.combine(y_MH, T, K), 0),
+        "fwd_down+combine": (lambda: tmoe.down_fwd(act, wd, r, scale, w, T, K), 2 * M * F * H),
+        "bwd_gather_dy": (lambda: dy.index_select(0, tok), 0),
         "bwd_down_dgrad_fused": (lambda: tmoe.down_dgrad_fused(dy, wd, h, scale, r), 2 * M * H * F),
-        "bwd_down_dgrad_split": (lambda: tmoe.down_dgrad_split(dy, wd, h, scale, r), 2 * M * H * F),
-        "  split: gemm only": (lambda: tmoe.grouped_gemm(dy, wd, r, M, transpose_w=True, gather_a=True),
-                               2 * M * H * F),
-        "bwd_gate_up_dgrad": (lambda: tmoe.grouped_gemm(dh, wgu, r, M, transpose_w=True, scatter_out=True),
-                              2 * M * F2 * H),
-        "bwd_wgrad_gate_up": (lambda: tmoe.grouped_wgrad(x, dh, r, wgu.dtype, a_idx=r.tok_M), 2 * M * H * F2),
-        "bwd_wgrad_down": (lambda: tmoe.grouped_wgrad(act2, dy, r, wd.dtype, b_idx=r.tok_M, b_scale=scale),
-                           2 * M * F * H),
+        "bwd_down_dgrad_split": (lambda: tmoe.down_dgrad_split(dy, wd, h, scale, r, dy_MH), 2 * M * H * F),
+        "bwd_gate_up_dgrad+combine": (lambda: tmoe.gate_up_dgrad(dh, wgu, r, T, K), 2 * M * F2 * H),
+        "bwd_gather_x": (lambda: x.index_select(0, tok), 0),
+        "bwd_wgrad_gate_up": (lambda: tmoe.wgrad(x_MH, dh, r, wgu.dtype), 2 * M * H * F2),
+        "bwd_wgrad_down": (lambda: tmoe.wgrad(act_s, dy_MH, r, wd.dtype), 2 * M * F * H),
+        "  triton wgrad_gate_up": (lambda: tmoe.grouped_wgrad(x, dh, r, wgu.dtype, a_idx=tok), 2 * M * H * F2),
+        "  triton wgrad_down": (lambda: tmoe.grouped_wgrad(act_s, dy, r, wd.dtype, b_idx=tok), 2 * M * F * H),
     }
-    del g
     out = {}
     for name, (fn, flops) in stages.items():
         ms = _bench(fn)
         out[name] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1) if flops else None}
     out["dgrad_mode_chosen"] = tmoe.dgrad_mode(dy, wd, h, scale, r)
-    # The L2 swizzle's effect: the same gate_up kernel visiting row tiles one at a time.
-    group, tmoe.GROUP_M = tmoe.GROUP_M, 1
-    try:
-        ms = _bench(lambda: tmoe.gate_up_fwd(x, wgu, r))
-        out["fwd_gate_up_swiglu GROUP_M=1"] = {"ms": round(ms, 4), "tflops": round(2 * M * H * F2 / ms / 1e9, 1)}
-    finally:
-        tmoe.GROUP_M = group
     # The same GEMM through torch._grouped_mm (no gather, no epilogue), for comparison.
     offs = r.offsets_E1[1:].contiguous()
-    xs = x.index_select(0, r.tok_M.long())
-    ms = _bench(lambda: torch._grouped_mm(xs, wgu, offs=offs))
+    ms = _bench(lambda: torch._grouped_mm(x_MH, wgu, offs=offs))
     out["grouped_mm_gate_up_only"] = {"ms": round(ms, 4), "tflops": round(2 * M * H * F2 / ms / 1e9, 1)}
     return out
 

@@ -35,6 +35,23 @@ def micro_batch(cfg, seq: int, sample_len: int, tiles: int, seed: int):
     return synthetic_batch(cfg.model, lens, [[(g, g)] * tiles for _ in lens], seed=seed)
 
 
+def device_time_breakdown(prof, wall_s: float) -> str:
+    """Kernel time by kind (GEMM, attention, Triton/Inductor-fused, memcpy, other) and how busy the device was."""
+    # attention first: flash kernels' template names mention cutlass too
+    kinds = {"attention": ("flash", "fmha", "attention"), "gemm": ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma"),
+             "triton": ("triton",), "memcpy": ("memcpy", "memset")}
+    sums = dict.fromkeys([*kinds, "other"], 0.0)
+    for e in prof.key_averages():
+        if e.device_type.name != "CUDA":
+            continue  # host-side ops (their kernels are listed as device events of their own)
+        name = e.key.lower()
+        kind = next((k for k, subs in kinds.items() if any(s in name for s in subs)), "other")
+        sums[kind] += e.self_device_time_total / 1e3
+    total = sum(sums.values())
+    parts = ", ".join(f"{k} {v:.0f} ms ({100 * v / max(total, 1e-9):.0f}%)" for k, v in sums.items())
+    return f"device kernels {total:.0f} ms over {1e3 * wall_s:.0f} ms wall (busy {100 * total / 1e3 / wall_s:.0f}%): {parts}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="configs/model/sailvl2_2b.yaml")
@@ -82,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
             if env.is_main:
                 key = "self_cuda_time_total" if env.device.type == "cuda" else "self_cpu_time_total"
                 print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+                if env.device.type == "cuda":
+                    print(device_time_breakdown(prof, time.perf_counter() - t0))
         if dist.is_initialized():
             dist.barrier()
         times.append(time.perf_counter() - t0)
@@ -99,6 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
            "tokens_per_s": tokens_dev * env.world_size, "tokens_per_s_per_device": tokens_dev,
            "mfu": mfu, "tflops_per_device": flops_step / dt / 1e12, "peak_mem_gib": mem,
            "loss_first": losses[0], "loss_last": losses[-1], "step_times": [round(x, 4) for x in times]}
+    if cfg.train.compile:
+        from torch._dynamo.utils import counters
+
+        res["dynamo"] = {"unique_graphs": counters["stats"]["unique_graphs"],
+                         "graph_breaks": sum(counters["graph_break"].values()),
+                         "recompiles_over_limit": counters["stats"].get("cache_size_limit", 0)}
     if env.is_main:
         print(f"{'label':<32}{'GPUs':>5}{'step s':>9}{'tok/s/dev':>11}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}")
         print(f"{res['label']:<32}{env.world_size:>5}{dt:>9.3f}{tokens_dev:>11.0f}{res['tflops_per_device']:>9.1f}"
