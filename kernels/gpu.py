@@ -1,14 +1,14 @@
-"""The GPU OpSet (NVIDIA): varlen flash attention, Triton fused MoE experts, chunked linear cross-entropy.
+"""The GPU OpSet (NVIDIA): varlen flash attention, Triton fused MoE experts, vocab-chunked linear cross-entropy.
 
     get_opset("gpu", moe_impl="triton" | "grouped_mm" | "loop", attention_impl="auto" | "flash_attn" |
               "torch_varlen" | "reference")
 
 Every op also accepts CPU tensors (tests, CPU CI): attention then runs the reference, and the Triton
-experts run the reference too, unless the process runs Triton's interpreter (TRITON_INTERPRET=1 from
-before triton's import). The loop / grouped_mm experts and the chunked cross-entropy are plain torch and
-run anywhere (torch._grouped_mm wants 16-byte-aligned rows). rms_norm / rope / swiglu are the eager
-reference versions (memory-bound and small next to the GEMMs; not worth a kernel yet). Measured figures
-for the experts: BENCHMARKS.md, "MoE experts (issue 6)".
+experts and the cross-entropy's Triton row kernels fall back to torch, unless the process runs Triton's
+interpreter (TRITON_INTERPRET=1 from before triton's import). The loop / grouped_mm experts are plain torch
+and run anywhere (torch._grouped_mm wants 16-byte-aligned rows). rms_norm / rope / swiglu are the eager
+reference versions: `train.compile=true` fuses them with their neighbours per block (parallel/compile.py),
+which measured better than fusing each op alone could. Measured figures: BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -189,71 +189,96 @@ _MOE = {"triton": moe_experts_triton, "grouped_mm": moe_experts_grouped_mm, "loo
 
 
 # --------------------------------------------------------------------------------------------------
-# Cross-entropy with the lm-head inside, chunked over tokens
+# Cross-entropy with the lm-head inside, chunked over the vocabulary
 # --------------------------------------------------------------------------------------------------
-_CE_CHUNK_BYTES = 1 << 29  # fp32 logits per chunk (512 MiB): ~880 tokens at Qwen3's 151,936 vocab
+_CE_CHUNK_BYTES = 1 << 29  # logits per vocabulary block (512 MiB): 32k columns at 8192 bf16 tokens
 
 
-def _ce_chunk(T: int, V: int, chunk_size: int | None) -> int:
+def _ce_chunk(T: int, V: int, elem_bytes: int, chunk_size: int | None) -> int:
     if chunk_size is None:
-        chunk_size = max(128, (_CE_CHUNK_BYTES // (4 * V)) // 128 * 128)
-    return max(1, min(T, chunk_size))
+        chunk_size = max(128, (_CE_CHUNK_BYTES // (elem_bytes * max(T, 1))) // 128 * 128)
+    return max(1, min(V, chunk_size))
 
 
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """loss[t] = logsumexp(h[t] @ w^T) - (h[t] @ w^T)[labels[t]]  (0 where labels == -100), fp32 math on
-    the logits, never holding more than one [chunk, V] block of them.
+def _lse_target_torch(x_TC, labels_T, v0, lse_T, tgt_T):
+    xf = x_TC.to(lse_T.dtype)
+    lse_T.copy_(torch.logaddexp(lse_T, torch.logsumexp(xf, dim=-1)))
+    lab = labels_T - v0
+    inside = (lab >= 0) & (lab < x_TC.shape[1])
+    t = xf.gather(1, lab.clamp(0, x_TC.shape[1] - 1)[:, None]).squeeze(1)
+    tgt_T.copy_(torch.where(inside, t, tgt_T))
 
-    The output is per token, so its incoming gradient is a [T] vector known only in backward: the
-    forward keeps just the per-token logsumexp, and the backward recomputes each chunk's logits
-    (one extra lm-head GEMM) to form softmax - onehot scaled by that gradient."""
+
+def _softmax_grad_torch(x_TC, labels_T, v0, lse_T, g_T):
+    d = torch.exp(x_TC.to(lse_T.dtype) - lse_T[:, None])
+    lab = labels_T - v0
+    inside = (lab >= 0) & (lab < x_TC.shape[1])
+    d.scatter_add_(1, lab.clamp(0, x_TC.shape[1] - 1)[:, None], -inside.to(d.dtype)[:, None])
+    x_TC.copy_(d * g_T[:, None])
+
+
+def _ce_row_ops(x: torch.Tensor):
+    """The Triton row kernels on CUDA (or in Triton's interpreter, for tests), else the same math in torch."""
+    if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and (
+            x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        try:
+            from sail_dist.kernels.triton import cross_entropy as k
+        except ImportError:  # no triton: the torch version below
+            k = None
+        if k is not None and (x.is_cuda or k.INTERPRET):
+            return k.lse_target_, k.softmax_grad_
+    return _lse_target_torch, _softmax_grad_torch
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """loss[t] = logsumexp(h[t] @ w^T) - (h[t] @ w^T)[labels[t]]  (0 where labels == -100), fp32 math on the
+    logits, over blocks of C vocabulary columns so that at most one [T, C] block of logits exists.
+
+    Blocking the vocabulary rather than the tokens lets each block's weight gradient be one GEMM written in
+    place (no running fp32 sum over the 311M-element lm-head gradient) while the input gradient, only [T, D],
+    is the one summed over blocks. The forward keeps the per-token logsumexp; the backward recomputes each
+    block's logits (one extra lm-head GEMM) and turns them in place into (softmax - onehot) * dloss."""
 
     @staticmethod
     def forward(ctx, h_TD, w_VD, labels_T, chunk_size):
         T, V = h_TD.shape[0], w_VD.shape[0]
         cdt = torch.promote_types(h_TD.dtype, torch.float32)
-        C = _ce_chunk(T, V, chunk_size)
-        loss_T = torch.empty(T, dtype=cdt, device=h_TD.device)
-        lse_T = torch.empty(T, dtype=cdt, device=h_TD.device)
-        for s in range(0, T, C):
-            logits = (h_TD[s:s + C] @ w_VD.t()).to(cdt)
-            lab = labels_T[s:s + C]
-            valid = lab != -100
-            lse = torch.logsumexp(logits, dim=-1)
-            tgt = logits.gather(1, torch.where(valid, lab, 0)[:, None]).squeeze(1)
-            loss_T[s:s + C] = torch.where(valid, lse - tgt, 0.0)
-            lse_T[s:s + C] = lse
+        C = _ce_chunk(T, V, h_TD.element_size(), chunk_size)
+        lse_T = torch.full((T,), float("-inf"), dtype=cdt, device=h_TD.device)
+        tgt_T = torch.zeros(T, dtype=cdt, device=h_TD.device)
+        lse_target_, _ = _ce_row_ops(h_TD)
+        for v0 in range(0, V, C):
+            lse_target_(h_TD @ w_VD[v0:v0 + C].t(), labels_T, v0, lse_T, tgt_T)
+        valid = labels_T != -100
         ctx.save_for_backward(h_TD, w_VD, labels_T, lse_T)
         ctx.chunk = C
-        return loss_T
+        return torch.where(valid, lse_T - tgt_T, 0.0)
 
     @staticmethod
     def backward(ctx, dloss_T):
         h_TD, w_VD, labels_T, lse_T = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        T, C = h_TD.shape[0], ctx.chunk
-        dh = torch.empty_like(h_TD) if need_h else None
-        dw = torch.zeros(w_VD.shape, dtype=lse_T.dtype, device=w_VD.device) if need_w else None
-        for s in range(0, T, C):
-            hc = h_TD[s:s + C]
-            lab = labels_T[s:s + C]
-            valid = lab != -100
-            g = torch.where(valid, dloss_T[s:s + C].to(lse_T.dtype), 0.0)
-            # d loss / d logits = softmax - onehot(label), then times the incoming per-token gradient.
-            d_logits = torch.exp((hc @ w_VD.t()).to(lse_T.dtype) - lse_T[s:s + C, None])
-            d_logits.scatter_add_(1, torch.where(valid, lab, 0)[:, None], -valid.to(d_logits.dtype)[:, None])
-            d_logits = (d_logits * g[:, None]).to(h_TD.dtype)
+        V, C = w_VD.shape[0], ctx.chunk
+        g_T = torch.where(labels_T != -100, dloss_T.to(lse_T.dtype), 0.0)
+        dh = torch.zeros(h_TD.shape, dtype=lse_T.dtype, device=h_TD.device) if need_h else None
+        dw = torch.empty_like(w_VD) if need_w else None
+        _, softmax_grad_ = _ce_row_ops(h_TD)
+        for v0 in range(0, V, C):
+            w_CD = w_VD[v0:v0 + C]
+            d_TC = h_TD @ w_CD.t()
+            softmax_grad_(d_TC, labels_T, v0, lse_T, g_T)  # logits -> d loss / d logits, in place
             if need_h:
-                dh[s:s + C] = d_logits @ w_VD
+                dh += d_TC @ w_CD
             if need_w:
-                dw += (d_logits.t() @ hc).to(dw.dtype)
-        return dh, (dw.to(w_VD.dtype) if need_w else None), None, None
+                torch.mm(d_TC.t(), h_TD, out=dw[v0:v0 + C])
+        return (dh.to(h_TD.dtype) if need_h else None), dw, None, None
 
 
 def cross_entropy(h_TD: torch.Tensor, w_VD: torch.Tensor, labels_T: torch.Tensor,
                   chunk_size: int | None = None) -> torch.Tensor:
-    """Per-token fp32 loss [T] of the lm-head projection h @ w^T (see ChunkedLinearCrossEntropy)."""
-    return ChunkedLinearCrossEntropy.apply(h_TD, w_VD, labels_T, chunk_size)
+    """Per-token fp32 loss [T] of the lm-head projection h @ w^T (see LinearCrossEntropy); `chunk_size` is
+    the vocabulary block width (default: a 512 MiB block of logits)."""
+    return LinearCrossEntropy.apply(h_TD, w_VD, labels_T, chunk_size)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,9 +3,12 @@
 #
 #   bash launch/gpu_benchmarks.sh [OUT_DIR]
 #
-# 1 GPU: the 2B shape (full ViT, all 28 LLM layers) with ZeRO-2, without and with CPU offload (DeepSpeedCPUAdam);
-# 1 GPU: the same with train.compile=true (per-block torch.compile); 2 GPUs (when present): the same without offload, for the scaling efficiency; 1 GPU: the reduced A3B shape
-# (4 MoE layers, real widths) end to end with loop / grouped_mm / triton experts.
+# 1 GPU: the 2B shape (full ViT, all 28 LLM layers) with ZeRO-2, eager and with train.compile=true, and at 8
+# micro-batches per step without and with CPU offload (DeepSpeedCPUAdam); 2 GPUs (when present): the same
+# without offload, for the scaling efficiency; 1 GPU: the reduced A3B shape (4 MoE layers, real widths) end to
+# end with loop / grouped_mm / triton experts. PARTS picks parts (default 2b,compile,offload,scale,a3b; also
+# recipe = the offload pair at 16 micro-batches, profile = a profiled step); BENCH_EXTRA is appended to every
+# run (e.g. BENCH_EXTRA=train.compile=true).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/common.sh"
@@ -17,7 +20,7 @@ bench() {  # bench NAME NPROC args...
   local name="$1" n="$2"; shift 2
   echo "=== $name ($n GPU) ===" >&2
   timeout "${BENCH_TIMEOUT:-420}" torchrun --nproc_per_node "$n" --master_port "$(sail_free_port)" \
-    -m sail_dist.bench.train_step --label "$name" "$@" 2>"$OUT_DIR/$name.err" | tee "$OUT_DIR/$name.out" | tail -2
+    -m sail_dist.bench.train_step --label "$name" "$@" ${BENCH_EXTRA:-} 2>"$OUT_DIR/$name.err" | tee "$OUT_DIR/$name.out" | tail -2
   tail -3 "$OUT_DIR/$name.err" | grep -iE "error|Traceback" >&2 || true
 }
 TWO_B=(--model configs/model/sailvl2_2b.yaml --seq 8192 --sample-len 2048 --tiles-per-sample 2 --steps 8 --warmup 3)
@@ -27,6 +30,10 @@ case "${PARTS:-2b,compile,offload,scale,a3b}" in *offload*)
   # 8 micro-batches per step (64k tokens per GPU) for both, so the host optimizer step is amortised alike
   bench 2b_zero2_mb8 1 "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2
   bench 2b_zero2_offload_mb8 1 "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2 --offload cpu ;; esac
+case "${PARTS:-}" in *recipe*)
+  # 16 micro-batches per GPU per step: SAIL-VL2's pretraining batch (2048 x 8192 tokens) on 128 GPUs
+  bench 2b_zero2_mb16 1 "${TWO_B[@]}" --micro-batches 16 --steps 5 --warmup 2
+  bench 2b_zero2_offload_mb16 1 "${TWO_B[@]}" --micro-batches 16 --steps 5 --warmup 2 --offload cpu ;; esac
 case "${PARTS:-2b,compile,offload,scale,a3b}" in *scale*) [ "$ngpu" -ge 2 ] && bench 2b_zero2_2gpu 2 "${TWO_B[@]}" --micro-batches 4 ;; esac
 A3B=(--model configs/model/sailvl2_a3b.yaml --llm-layers 4 --seq 8192 --sample-len 2048 --tiles-per-sample 1 --steps 6
      --warmup 2 --micro-batches 2 model.vit.num_layers=2)
@@ -46,6 +53,8 @@ for k, r in rows.items():
 fig = {}
 if "2b_zero2_mb8" in rows and "2b_zero2_offload_mb8" in rows:
     fig["offload_slowdown"] = rows["2b_zero2_offload_mb8"]["step_s"] / rows["2b_zero2_mb8"]["step_s"]
+if "2b_zero2_mb16" in rows and "2b_zero2_offload_mb16" in rows:
+    fig["offload_slowdown_mb16"] = rows["2b_zero2_offload_mb16"]["step_s"] / rows["2b_zero2_mb16"]["step_s"]
 if "2b_zero2" in rows and "2b_zero2_2gpu" in rows:
     fig["scaling_efficiency_2gpu"] = rows["2b_zero2_2gpu"]["tokens_per_s_per_device"] / rows["2b_zero2"]["tokens_per_s_per_device"]
 if "a3b4_loop" in rows and "a3b4_triton" in rows:

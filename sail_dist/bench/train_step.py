@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         if a.profile and step == a.steps - 1:
             from torch.profiler import ProfilerActivity, profile
 
-            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True)
             prof.__enter__()
         t0 = time.perf_counter()
         stats = engine.train_step(mbs, step)
@@ -101,6 +101,12 @@ def main(argv: list[str] | None = None) -> dict:
                 print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
                 if env.device.type == "cuda":
                     print(device_time_breakdown(prof, time.perf_counter() - t0))
+                    # where the memory-bound aten ops come from: the same table by input shapes
+                    rows = [e for e in prof.key_averages(group_by_input_shape=True)
+                            if e.key in ("aten::copy_", "aten::add_", "aten::mul", "aten::sub", "aten::add")]
+                    rows.sort(key=lambda e: -e.self_device_time_total)
+                    for e in rows[:20]:
+                        print(f"  {e.key:<14}{e.self_device_time_total / 1e3:>9.1f} ms {e.count:>6}x  {str(e.input_shapes)[:110]}")
         if dist.is_initialized():
             dist.barrier()
         times.append(time.perf_counter() - t0)
