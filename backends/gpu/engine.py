@@ -126,8 +126,11 @@ class DeepSpeedEngine:
         scale = M * self.env.dp_size
         sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # [lm loss, aux loss / M]
         counts, flops, tokens, samples = None, 0.0, 0, 0
-        for i, mb in enumerate(micro_batches):
-            batch = mb.to(self.env.device)
+        if self.env.device.type == "cuda":  # all of the step's (small) batches queued up front, without stalls
+            batches = [mb.pin_memory().to(self.env.device) for mb in micro_batches]
+        else:
+            batches = [mb.to(self.env.device) for mb in micro_batches]
+        for i, (mb, batch) in enumerate(zip(micro_batches, batches)):
             out = self.ds(batch)
             loss = micro_batch_loss(out.loss_T, batch, W)
             self.ds.backward(loss * scale)
