@@ -5,31 +5,38 @@ Computes the OpSet's `moe_experts` (see kernels/opset.py):
     y[t] = sum_j topk_weight[t, j] * swiglu(x[t] @ w_gate_up[e]) @ w_down[e],   e = topk_idx[t, j]
 
 Layout. The M = T*K (token, slot) pairs are sorted by expert ("rows"); expert e owns the contiguous rows
-offsets[e]:offsets[e+1]. Nothing is permuted in memory: kernels read x / dy through the row -> token
-index (`tok_M`) inside their A-operand loads (the permute's gather), and write per-row results straight
-into the [T*K, H] (token, slot) layout through the row -> flat-slot index (`pos_M`) (the unpermute's
-scatter), so the combine is one contiguous `view(T, K, H).sum(1)` (deterministic, no atomics).
+offsets[e]:offsets[e+1]. The Triton kernels read x / dy through the row -> token index (`tok_M`) inside
+their A-operand loads (the permute's gather). Where torch._grouped_mm (CUTLASS on Hopper) runs a GEMM
+faster than our Triton kernel, that GEMM goes to it (`USE_GROUPED_MM`): it needs its operands in sorted
+rows, so x / dy are gathered once (index_select), and its per-row outputs are combined back into tokens by
+a gather-sum through the sort's inverse (`inverse_rows`; fixed slot order: deterministic, no atomics).
 
-Forward (2 grouped GEMMs):
-  1. gate_up:  h_M2F = x[tok] @ w_gate_up[e]          epilogue: act_MF = silu(gate) * up   (h kept for bwd)
-  2. down:     y_(TK)H[pos] = w_r * act @ w_down[e]   epilogue: routing weight, scatter store
-  then y_TH = y_(TK)H.view(T, K, H).sum(1)
-Backward:
-  3. down dgrad:  g_MF = dy[tok] @ w_down[e]^T, then the SwiGLU backward: d_weight[r] = sum_f g * act,
-                  dh = swiglu'(h) * (w_r * g), and act (recomputed from h) for step 6. As the plain
-                  GEMM plus one elementwise pass ("split", the default: faster on the H100), or fused into
-                  the GEMM's epilogue (see `DGRAD_MODE`).
-  4. gate_up dgrad: dx_(TK)H[pos] = dh @ w_gate_up[e]^T   then dx = sum over K
-  5. dW_gate_up[e] = x[tok_e]^T @ dh_e          (reduction over the expert's rows)
-  6. dW_down[e]    = act_e^T @ (w_r * dy[tok_e])
+Forward:
+  1. gate_up (Triton):  h_M2F = x[tok] @ w_gate_up[e]   epilogue: act_MF = silu(gate) * up  (h kept for bwd)
+  2. down (grouped_mm): y_MH = act @ w_down[e]; y[t] = sum_k w[t, k] * y_MH[inv[t*K + k]]
+Backward (dy_MH = dy[tok] gathered once):
+  3. down dgrad:  g_MF = dy_MH @ w_down[e]^T (grouped_mm), then the SwiGLU backward (one elementwise Triton
+                  pass): d_weight[r] = sum_f g * act, dh = swiglu'(h) * (w_r * g), and act_s = w_r * act
+                  (act recomputed from h) for step 6. (`DGRAD_MODE` "fused": all of it in one Triton
+                  kernel's epilogue, slower on the H100.)
+  4. gate_up dgrad (grouped_mm): dx_MH = dh @ w_gate_up[e]^T, then dx[t] = sum_k dx_MH[inv[t*K + k]]
+  5. dW_gate_up[e] = x[tok_e]^T @ dh_e      (grouped_mm, the 2-D x 2-D form: reduction over e's rows)
+  6. dW_down[e]    = act_s_e^T @ dy_MH_e    (likewise)
+H100, A3B shape (T 8192, H 2048, F 768, E 128, k 8): grouped_mm ran 5 (dW_gate_up) at 495 TFLOP/s against
+336 for our Triton weight-gradient kernel, 6 at 486 against 325, 4 at 516 against 475, 2 at 490 against 411,
+3's GEMM at 502 against 490. Without grouped_mm (operand strides it rejects: a dimension that is not a
+multiple of 16 bytes), or with USE_GROUPED_MM off, every step runs in Triton: 2 and 4 then scatter their
+rows straight into the [T*K, H] (token, slot) layout through `pos_M` and the combine is a contiguous
+`view(T, K, H).sum(1)`, and 5-6 run in `_grouped_wgrad_kernel` on the gathered rows.
 
-Scheduling. The row-tiled kernels (1-4) find their expert inside the kernel from the offsets (a cumsum of
-ceil(count / BLOCK_M) over experts), so the schedule needs no host sync and follows the autotuned BLOCK_M;
+Scheduling. The row-tiled Triton kernels (1-4) find their expert inside the kernel from the offsets (a
+cumsum of ceil(count / BLOCK_M) over experts), so the schedule needs no host sync and follows the autotuned BLOCK_M;
 the grid is the static bound cdiv(M, BLOCK_M) + E tiles and surplus programs return at once. Tiles are
 visited GROUP_M row tiles at a time across all column tiles (the L2 swizzle of Triton's matmul tutorial):
 with the few-experts shape a weight matrix is far larger than L2, and visiting row tiles one by one
 re-read it from HBM per row tile (H100, few-experts gate_up: 349 -> 523 TFLOP/s). Empty experts cost nothing in
-1-4 and get zero weight gradients in 5-6. All accumulation is fp32; inputs may be bf16/fp16 (production)
+1-4 and get zero weight gradients in 5-6 (torch._grouped_mm writes zeros for an empty group on Hopper:
+checked on the H100, and by the CUDA test). All accumulation is fp32; inputs may be bf16/fp16 (production)
 or fp32 (tests: the dots then run in IEEE fp32, not tf32). Every kernel writes each element of its output
 exactly once, so autotuning (which reruns kernels) cannot leave stale values behind.
 
@@ -83,11 +90,13 @@ _ROW_CONFIGS = [
     _cfg(128, 256, 64, 8, 3),
     _cfg(128, 128, 64, 4, 4),
 ]
-# The gate_up kernel carries two accumulators (gate and up columns), so BLOCK_N is per half.
+# The gate_up kernel carries two accumulators (gate and up columns), so BLOCK_N is per half. (H100, A3B:
+# 128x128x64/8 warps with 4 stages 0.83 ms, with 3 stages 0.97; the 128x64 configs never won and were
+# dropped.)
 _GATE_UP_CONFIGS = [
     _cfg(128, 128, 64, 8, 3),
-    _cfg(128, 64, 64, 4, 4),
-    _cfg(128, 64, 64, 8, 4),
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(128, 128, 32, 8, 5),
 ]
 _DGRAD_SWIGLU_CONFIGS = [
     _cfg(64, 128, 64, 4, 4),
@@ -570,10 +579,11 @@ def down_dgrad_fused(dy_TH, w_EFH, h_MF2, scale_M, r: Routing, dy_MH=None):
 
 
 def down_dgrad_split(dy_TH, w_EFH, h_MF2, scale_M, r: Routing, dy_MH=None):
-    """Step 3 as the plain grouped GEMM g = dy[tok] @ w_down^T (from the pre-gathered dy_MH = dy[tok] when
-    given and G_IMPL says so) plus one elementwise SwiGLU-backward pass -> (dh_M2F, act_s_MF, d_scale_M fp32)."""
+    """Step 3 as the plain grouped GEMM g = dy[tok] @ w_down^T (torch._grouped_mm on dy_MH = dy[tok] when
+    given and it applies, else our Triton kernel) plus one elementwise SwiGLU-backward pass
+    -> (dh_M2F, act_s_MF, d_scale_M fp32)."""
     F, M = w_EFH.shape[1], r.num_rows
-    if dy_MH is not None and G_IMPL == "grouped_mm" and _gmm_ok(dy_MH, w_EFH.transpose(1, 2)):
+    if dy_MH is not None and USE_GROUPED_MM and _gmm_ok(dy_MH, w_EFH.transpose(1, 2)):
         g_MF = _gmm(dy_MH, w_EFH.transpose(1, 2), r)
     else:
         g_MF = grouped_gemm(dy_TH, w_EFH, r, M, transpose_w=True, gather_a=True)
@@ -624,17 +634,17 @@ def down_dgrad(dy_TH, w_EFH, h_MF2, scale_M, r: Routing, dy_MH=None):
 # --------------------------------------------------------------------------------------------------
 # torch._grouped_mm (CUTLASS on Hopper) for the GEMMs where it beats ours
 # --------------------------------------------------------------------------------------------------
-# EXPLORATION switches: "triton" | "grouped_mm"
-WGRAD_IMPL = os.environ.get("SAIL_MOE_WGRAD", "grouped_mm")
-DX_IMPL = os.environ.get("SAIL_MOE_DX", "triton")
-G_IMPL = os.environ.get("SAIL_MOE_G", "triton")
-FWD_DOWN_IMPL = os.environ.get("SAIL_MOE_FWD_DOWN", "triton")
+# SAIL_MOE_GROUPED_MM=0: every GEMM in Triton (comparison, and the tests of the Triton-only path).
+USE_GROUPED_MM = os.environ.get("SAIL_MOE_GROUPED_MM", "1") != "0"
 
 
 def _gmm_ok(*mats) -> bool:
-    """torch._grouped_mm's operand rules: a 16-byte-aligned base, one unit stride and the other a multiple
-    of 16 bytes."""
+    """Whether torch._grouped_mm takes these operands on its fast path: bf16 on CUDA (other dtypes there go
+    to a per-group loop with a host sync; on CPU, under the interpreter tests, every dtype is taken), a
+    16-byte-aligned base, one unit stride and the other a multiple of 16 bytes."""
     for m in mats:
+        if m.is_cuda and m.dtype != torch.bfloat16:
+            return False
         es, (s0, s1) = m.element_size(), m.stride()[-2:]
         if m.data_ptr() % 16 or not ((s1 == 1 and s0 * es % 16 == 0) or (s0 == 1 and s1 * es % 16 == 0)):
             return False
@@ -652,8 +662,7 @@ def _gmm(a, b, r: Routing):
 def wgrad(a_MA, b_MB, r: Routing, dtype, a_rows=None, b_rows=None):
     """dW[e] = A[rows_e]^T @ B[rows_e] -> [E, A cols, B cols]; A = a[a_rows] (rows gathered) when a_rows is
     given, else a; likewise B."""
-    E, M = r.num_experts, r.num_rows
-    if WGRAD_IMPL == "grouped_mm" and M and _gmm_ok(a_MA, b_MB):
+    if USE_GROUPED_MM and r.num_rows and _gmm_ok(a_MA, b_MB):
         a = a_MA if a_rows is None else a_MA.index_select(0, a_rows)
         b = b_MB if b_rows is None else b_MB.index_select(0, b_rows)
         return _gmm(a.t(), b, r)
@@ -699,17 +708,19 @@ def combine(y_MH: torch.Tensor, T: int, K: int) -> torch.Tensor:
     return y_MH.view(T, K, H).sum(1) if K > 1 else y_MH.view(T, H)
 
 
-def down_fwd(act_MF, w_EFH, r: Routing, scale_M, weight_TK, T: int, K: int) -> torch.Tensor:
-    """Step 2 and the combine -> y_TH."""
-    if FWD_DOWN_IMPL == "grouped_mm" and r.num_rows and _gmm_ok(act_MF, w_EFH):
-        return gather_sum(_gmm(act_MF, w_EFH, r), inverse_rows(r), T, K, weight_TK.reshape(-1))
+def down_fwd(act_MF, w_EFH, r: Routing, scale_M, weight_TK, T: int, K: int, inv_M=None) -> torch.Tensor:
+    """Step 2 and the combine -> y_TH (inv_M: inverse_rows(r), when already at hand)."""
+    if USE_GROUPED_MM and r.num_rows and _gmm_ok(act_MF, w_EFH):
+        inv_M = inverse_rows(r) if inv_M is None else inv_M
+        return gather_sum(_gmm(act_MF, w_EFH, r), inv_M, T, K, weight_TK.reshape(-1))
     return combine(grouped_gemm(act_MF, w_EFH, r, T * K, scale_M=scale_M, scatter_out=True), T, K)
 
 
-def gate_up_dgrad(dh_MF2, w_EHF2, r: Routing, T: int, K: int) -> torch.Tensor:
+def gate_up_dgrad(dh_MF2, w_EHF2, r: Routing, T: int, K: int, inv_M=None) -> torch.Tensor:
     """Step 4 and its combine -> dx_TH."""
-    if DX_IMPL == "grouped_mm" and r.num_rows and _gmm_ok(dh_MF2, w_EHF2.transpose(1, 2)):
-        return gather_sum(_gmm(dh_MF2, w_EHF2.transpose(1, 2), r), inverse_rows(r), T, K)
+    if USE_GROUPED_MM and r.num_rows and _gmm_ok(dh_MF2, w_EHF2.transpose(1, 2)):
+        inv_M = inverse_rows(r) if inv_M is None else inv_M
+        return gather_sum(_gmm(dh_MF2, w_EHF2.transpose(1, 2), r), inv_M, T, K)
     return combine(grouped_gemm(dh_MF2, w_EHF2, r, T * K, transpose_w=True, scatter_out=True), T, K)
 
 
@@ -717,8 +728,8 @@ def gate_up_dgrad(dh_MF2, w_EHF2, r: Routing, T: int, K: int) -> torch.Tensor:
 # Autograd
 # --------------------------------------------------------------------------------------------------
 class MoEExpertsFunction(torch.autograd.Function):
-    """Fused experts with a hand-written backward. Saves x, the weights, the routing and h (the
-    [T*K, 2F] pre-activation); act is recomputed by the backward's first kernel."""
+    """Fused experts with a hand-written backward. Saves x, the weights, the routing (and the sort's
+    inverse) and h (the [T*K, 2F] pre-activation); act is recomputed by the backward's first kernel."""
 
     @staticmethod
     def forward(ctx, x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH):
@@ -731,41 +742,41 @@ class MoEExpertsFunction(torch.autograd.Function):
         scale_M = topk_weight_TK.reshape(-1).index_select(0, r.perm_M)
 
         h_MF2, act_MF = gate_up_fwd(x_TH, w_gate_up_EHF2, r)
-        y_TH = down_fwd(act_MF, w_down_EFH, r, scale_M, topk_weight_TK, T, K)
+        inv_M = inverse_rows(r) if USE_GROUPED_MM and r.num_rows else None
+        y_TH = down_fwd(act_MF, w_down_EFH, r, scale_M, topk_weight_TK, T, K, inv_M)
 
         ctx.save_for_backward(x_TH, w_gate_up_EHF2, w_down_EFH, h_MF2, scale_M, r.offsets_E1, r.pos_M,
-                              r.tok_M, r.expert_M, r.perm_M)
+                              r.tok_M, r.expert_M, r.perm_M, inv_M)
         ctx.shape = (T, K)
         ctx.weight_dtype = topk_weight_TK.dtype
         return y_TH
 
     @staticmethod
     def backward(ctx, dy_TH):
-        x_TH, w_gu, w_dn, h_MF2, scale_M, offsets_E1, pos_M, tok_M, expert_M, perm_M = ctx.saved_tensors
+        x_TH, w_gu, w_dn, h_MF2, scale_M, offsets_E1, pos_M, tok_M, expert_M, perm_M, inv_M = ctx.saved_tensors
         T, K = ctx.shape
         r = Routing(offsets_E1, pos_M, tok_M, expert_M, perm_M)
         need_x, _, need_w, need_gu, need_dn = ctx.needs_input_grad
         dy_TH = dy_TH.contiguous().to(x_TH.dtype)
-        tok_long = tok_M.long()
         dy_MH = None
-        if r.num_rows and (G_IMPL == "grouped_mm" or (need_dn and WGRAD_IMPL == "grouped_mm")):
-            dy_MH = dy_TH.index_select(0, tok_long)
+        if r.num_rows and USE_GROUPED_MM and _gmm_ok(dy_TH):
+            dy_MH = dy_TH.index_select(0, tok_M)
 
         dh_MF2, act_s_MF, dscale_M = down_dgrad(dy_TH, w_dn, h_MF2, scale_M, r, dy_MH)
         dx = d_weight = d_gu = d_dn = None
         if need_x:
-            dx = gate_up_dgrad(dh_MF2, w_gu, r, T, K)
+            dx = gate_up_dgrad(dh_MF2, w_gu, r, T, K, inv_M)
         if need_w:
             d_weight = torch.empty(T * K, dtype=torch.float32, device=dy_TH.device)
             d_weight[perm_M] = dscale_M
             d_weight = d_weight.view(T, K).to(ctx.weight_dtype)
         if need_gu:
-            d_gu = wgrad(x_TH, dh_MF2, r, w_gu.dtype, a_rows=tok_long)
+            d_gu = wgrad(x_TH, dh_MF2, r, w_gu.dtype, a_rows=tok_M)
         if need_dn:
             if dy_MH is not None:
                 d_dn = wgrad(act_s_MF, dy_MH, r, w_dn.dtype)
             else:
-                d_dn = wgrad(act_s_MF, dy_TH, r, w_dn.dtype, b_rows=tok_long)
+                d_dn = wgrad(act_s_MF, dy_TH, r, w_dn.dtype, b_rows=tok_M)
         return dx, None, d_weight, d_gu, d_dn
 
 

@@ -7,7 +7,8 @@ Needs a CUDA GPU. For each shape: forward and forward+backward time (median, tri
 and TFLOP/s (forward = 2*T*K*H*3F; forward+backward counted as 3x that), the correctness of each fast
 implementation in bf16 against an fp32 reference (relative Frobenius error of the output and of all four
 gradients, with every kernel-written buffer NaN-poisoned first so an unwritten element fails), a per-kernel
-breakdown of ours, and a plain bf16 matmul ceiling measured in the same run. A table, then one JSON line.
+breakdown of ours (the torch._grouped_mm GEMMs inside ours beside our Triton kernels for the same steps),
+and a plain bf16 matmul ceiling measured in the same run. A table, then one JSON line.
 """
 from __future__ import annotations
 
@@ -118,10 +119,18 @@ def _breakdown(x, idx, w, wgu, wd, dy) -> dict:
         "bwd_gather_dy": (lambda: dy.index_select(0, tok), 0),
         "bwd_down_dgrad_fused": (lambda: tmoe.down_dgrad_fused(dy, wd, h, scale, r), 2 * M * H * F),
         "bwd_down_dgrad_split": (lambda: tmoe.down_dgrad_split(dy, wd, h, scale, r, dy_MH), 2 * M * H * F),
+        "  split: gemm only": (lambda: torch._grouped_mm(dy_MH, wd.transpose(1, 2), offs=r.offsets_E1[1:]),
+                               2 * M * H * F),
         "bwd_gate_up_dgrad+combine": (lambda: tmoe.gate_up_dgrad(dh, wgu, r, T, K), 2 * M * F2 * H),
         "bwd_gather_x": (lambda: x.index_select(0, tok), 0),
         "bwd_wgrad_gate_up": (lambda: tmoe.wgrad(x_MH, dh, r, wgu.dtype), 2 * M * H * F2),
         "bwd_wgrad_down": (lambda: tmoe.wgrad(act_s, dy_MH, r, wd.dtype), 2 * M * F * H),
+        # Our Triton kernels for the GEMMs that go to torch._grouped_mm (for comparison; gathers included).
+        "  triton fwd_down+combine": (lambda: tmoe.combine(tmoe.grouped_gemm(act, wd, r, M, scale_M=scale,
+                                                                             scatter_out=True), T, K), 2 * M * F * H),
+        "  triton gate_up_dgrad+comb": (lambda: tmoe.combine(tmoe.grouped_gemm(dh, wgu, r, M, transpose_w=True,
+                                                                               scatter_out=True), T, K),
+                                        2 * M * F2 * H),
         "  triton wgrad_gate_up": (lambda: tmoe.grouped_wgrad(x, dh, r, wgu.dtype, a_idx=tok), 2 * M * H * F2),
         "  triton wgrad_down": (lambda: tmoe.grouped_wgrad(act_s, dy, r, wd.dtype, b_idx=tok), 2 * M * F * H),
     }
