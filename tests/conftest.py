@@ -28,6 +28,19 @@ def torchrun_cmd(nproc: int, *args: str) -> list[str]:
             str(free_port()), *args]
 
 
+def run_in_triton_interpreter(test_file: str) -> None:
+    """Re-run `test_file` in a child pytest process with TRITON_INTERPRET=1 set from the start (the interpreter
+    must be on before triton is first imported), so nothing else in this process runs in the interpreter."""
+    pytest.importorskip("triton")
+    pytest.importorskip("numpy")  # the interpreter needs it
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(test_file)],
+                         cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0 and " passed" in out.stdout, out.stdout[-6000:] + out.stderr[-2000:]
+
+
 def model_config(name: str, *overrides: str) -> ModelConfig:
     return load_config(os.path.join(ROOT, "configs", "model", f"{name}.yaml"), ["data.demo=true", *overrides]).model
 

@@ -8,12 +8,11 @@ tests/test_triton_moe.py, the file then re-runs itself in a child pytest process
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import run_in_triton_interpreter
 from sail_dist.kernels import gpu
 from sail_dist.kernels import reference as ref
 
@@ -25,13 +24,8 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 @pytest.mark.skipif(RUN_HERE, reason="the tests run in this process")
 def test_interpreter_child():
-    pytest.importorskip("triton")
-    pytest.importorskip("numpy")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                         cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-                         timeout=900)
-    assert out.returncode == 0 and " passed" in out.stdout, out.stdout[-6000:] + out.stderr[-2000:]
+    """CPU: this file's tests, in a child process with Triton's interpreter on from the start."""
+    run_in_triton_interpreter(__file__)
 
 
 def _run(fn, h, w, labels, dloss):

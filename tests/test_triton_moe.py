@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import run_in_triton_interpreter
 from sail_dist.kernels import get_opset
 from sail_dist.kernels import reference as ref
 
@@ -29,13 +28,7 @@ here = pytest.mark.skipif(not RUN_HERE, reason="CPU: runs in the interpreter chi
 @pytest.mark.skipif(RUN_HERE, reason="the tests run in this process")
 def test_interpreter_child():
     """CPU: this file's tests, in a child process with Triton's interpreter on from the start."""
-    pytest.importorskip("triton")
-    pytest.importorskip("numpy")  # the interpreter needs it
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                         cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-                         timeout=900)
-    assert out.returncode == 0 and " passed" in out.stdout, out.stdout[-6000:] + out.stderr[-2000:]
+    run_in_triton_interpreter(__file__)
 
 
 def _import_moe():
