@@ -296,9 +296,9 @@ class BackendConfig:
     zero_stage: int = 2
     offload_optimizer: Literal["none", "cpu"] = "none"
     torch_adam: bool = False  # with CPU offload: torch Adam instead of DeepSpeedCPUAdam (skips its JIT build)
-    # Gradient accumulation over micro-batches in bf16 training: fp32 = DeepSpeed accumulates each rank's gradient
-    # partition in an fp32 buffer on the device (exact sums; with CPU offload it also keeps the accumulation on
-    # the device instead of a host round trip per micro-batch); bf16 = in the model dtype (less memory).
+    # Gradient accumulation and reduction over micro-batches in bf16 training: fp32 = in fp32 buffers on the device
+    # (gpu: DeepSpeed's grad_accum_dtype, which with CPU offload also keeps the accumulation on the device instead of
+    # a host round trip per micro-batch; npu: Megatron's grad_reduce_in_fp32); bf16 = in the model dtype (less memory).
     grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
     moe_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     dist_timeout_min: int = 30

@@ -137,8 +137,8 @@ class MegatronEngine:
             batch_p2p_comm=dims.vpp == 1,
         )
         ddp_cfg = DistributedDataParallelConfig(
-            use_distributed_optimizer=True, grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            overlap_param_gather=False, check_for_nan_in_grad=False)
+            use_distributed_optimizer=True, grad_reduce_in_fp32=cfg.backend.grad_accum_dtype == "fp32",
+            overlap_grad_reduce=False, overlap_param_gather=False, check_for_nan_in_grad=False)
         self.chunks = []
         for st in self.stages:
             st.config = self.mcfg
