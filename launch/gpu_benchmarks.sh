@@ -16,6 +16,7 @@ OUT_DIR="${1:-${OUT:-/tmp/sail_gpu_bench}}"
 mkdir -p "$OUT_DIR"
 sail_detect_gpus || { echo "gpu_benchmarks.sh: no NVIDIA GPU found" >&2; exit 1; }
 ngpu=$NGPU
+PARTS="${PARTS:-2b,compile,offload,scale,a3b}"
 bench() {  # bench NAME NPROC args...
   local name="$1" n="$2"; shift 2
   echo "=== $name ($n GPU) ===" >&2
@@ -24,23 +25,23 @@ bench() {  # bench NAME NPROC args...
   tail -3 "$OUT_DIR/$name.err" | grep -iE "error|Traceback" >&2 || true
 }
 TWO_B=(--model configs/model/sailvl2_2b.yaml --seq 8192 --sample-len 2048 --tiles-per-sample 2 --steps 8 --warmup 3)
-case "${PARTS:-2b,compile,offload,scale,a3b}" in *2b*) bench 2b_zero2 1 "${TWO_B[@]}" --micro-batches 4 ;; esac
-case "${PARTS:-2b,compile,offload,scale,a3b}" in *compile*) bench 2b_zero2_compile 1 "${TWO_B[@]}" --micro-batches 4 train.compile=true ;; esac
-case "${PARTS:-2b,compile,offload,scale,a3b}" in *offload*)
+case "$PARTS" in *2b*) bench 2b_zero2 1 "${TWO_B[@]}" --micro-batches 4 ;; esac
+case "$PARTS" in *compile*) bench 2b_zero2_compile 1 "${TWO_B[@]}" --micro-batches 4 train.compile=true ;; esac
+case "$PARTS" in *offload*)
   # 8 micro-batches per step (64k tokens per GPU) for both, so the host optimizer step is amortised alike
   bench 2b_zero2_mb8 1 "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2
   bench 2b_zero2_offload_mb8 1 "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2 --offload cpu ;; esac
-case "${PARTS:-}" in *recipe*)
+case "$PARTS" in *recipe*)
   # 16 micro-batches per GPU per step: SAIL-VL2's pretraining batch (2048 x 8192 tokens) on 128 GPUs
   bench 2b_zero2_mb16 1 "${TWO_B[@]}" --micro-batches 16 --steps 5 --warmup 2
   bench 2b_zero2_offload_mb16 1 "${TWO_B[@]}" --micro-batches 16 --steps 5 --warmup 2 --offload cpu ;; esac
-case "${PARTS:-2b,compile,offload,scale,a3b}" in *scale*) [ "$ngpu" -ge 2 ] && bench 2b_zero2_2gpu 2 "${TWO_B[@]}" --micro-batches 4 ;; esac
+case "$PARTS" in *scale*) [ "$ngpu" -ge 2 ] && bench 2b_zero2_2gpu 2 "${TWO_B[@]}" --micro-batches 4 ;; esac
 A3B=(--model configs/model/sailvl2_a3b.yaml --llm-layers 4 --seq 8192 --sample-len 2048 --tiles-per-sample 1 --steps 6
      --warmup 2 --micro-batches 2 model.vit.num_layers=2)
-case "${PARTS:-2b,compile,offload,scale,a3b}" in *a3b*)
+case "$PARTS" in *a3b*)
   for impl in loop grouped_mm triton; do bench "a3b4_$impl" 1 "${A3B[@]}" "backend.moe_impl=$impl"; done ;;
 esac
-case "${PARTS:-}" in *profile*)
+case "$PARTS" in *profile*)
   bench 2b_profile 1 "${TWO_B[@]}" --micro-batches 2 --steps 3 --warmup 2 --profile ;; esac
 echo "=== summary ===" >&2
 cat "$OUT_DIR"/*.out | grep '^{"label"' > "$OUT_DIR/all.jsonl"
