@@ -4,11 +4,11 @@
 #   bash launch/gpu_benchmarks.sh [OUT_DIR]
 #
 # 1 GPU: the 2B shape (full ViT, all 28 LLM layers) with ZeRO-2, eager and with train.compile=true, and at 8
-# micro-batches per step without and with CPU offload (DeepSpeedCPUAdam); 2 GPUs (when present): the same
-# without offload, for the scaling efficiency; 1 GPU: the reduced A3B shape (4 MoE layers, real widths) end to
-# end with loop / grouped_mm / triton experts. PARTS picks parts (default 2b,compile,offload,scale,a3b; also
-# recipe = the offload pair at 16 micro-batches, profile = a profiled step); BENCH_EXTRA is appended to every
-# run (e.g. BENCH_EXTRA=train.compile=true).
+# micro-batches per step without and with CPU offload (DeepSpeedCPUAdam); all GPUs of the host (when more
+# than one): that pair again with DP = #GPUs, for the scaling efficiency against the 1-GPU pair; 1 GPU: the
+# reduced A3B shape (4 MoE layers, real widths) end to end with loop / grouped_mm / triton experts. PARTS picks
+# parts (default 2b,compile,offload,scale,a3b; also recipe = the offload pair at 16 micro-batches, profile = a
+# profiled step); BENCH_EXTRA is appended to every run (e.g. BENCH_EXTRA=train.compile=true).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/common.sh"
@@ -35,7 +35,11 @@ case "$PARTS" in *recipe*)
   # 16 micro-batches per GPU per step: SAIL-VL2's pretraining batch (2048 x 8192 tokens) on 128 GPUs
   bench 2b_zero2_mb16 1 "${TWO_B[@]}" --micro-batches 16 --steps 5 --warmup 2
   bench 2b_zero2_offload_mb16 1 "${TWO_B[@]}" --micro-batches 16 --steps 5 --warmup 2 --offload cpu ;; esac
-case "$PARTS" in *scale*) [ "$ngpu" -ge 2 ] && bench 2b_zero2_2gpu 2 "${TWO_B[@]}" --micro-batches 4 ;; esac
+case "$PARTS" in *scale*) if [ "$ngpu" -ge 2 ]; then
+  # the offload part's pair on every GPU: same micro-batches per GPU, so tokens/s per GPU compare directly
+  bench "2b_zero2_mb8_dp$ngpu" "$ngpu" "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2
+  bench "2b_zero2_offload_mb8_dp$ngpu" "$ngpu" "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2 --offload cpu
+fi ;; esac
 A3B=(--model configs/model/sailvl2_a3b.yaml --llm-layers 4 --seq 8192 --sample-len 2048 --tiles-per-sample 1 --steps 6
      --warmup 2 --micro-batches 2 model.vit.num_layers=2)
 case "$PARTS" in *a3b*)
@@ -56,8 +60,11 @@ if "2b_zero2_mb8" in rows and "2b_zero2_offload_mb8" in rows:
     fig["offload_slowdown"] = rows["2b_zero2_offload_mb8"]["step_s"] / rows["2b_zero2_mb8"]["step_s"]
 if "2b_zero2_mb16" in rows and "2b_zero2_offload_mb16" in rows:
     fig["offload_slowdown_mb16"] = rows["2b_zero2_offload_mb16"]["step_s"] / rows["2b_zero2_mb16"]["step_s"]
-if "2b_zero2" in rows and "2b_zero2_2gpu" in rows:
-    fig["scaling_efficiency_2gpu"] = rows["2b_zero2_2gpu"]["tokens_per_s_per_device"] / rows["2b_zero2"]["tokens_per_s_per_device"]
+for k, r in rows.items():  # DP = N against the same run on one GPU
+    base = k.rsplit("_dp", 1)[0]
+    if "_dp" in k and base in rows:
+        fig[f"scaling_efficiency_{base}_{r['world_size']}gpu"] = (
+            r["tokens_per_s_per_device"] / rows[base]["tokens_per_s_per_device"])
 if "a3b4_loop" in rows and "a3b4_triton" in rows:
     fig["a3b_e2e_speedup_triton_vs_loop"] = rows["a3b4_loop"]["step_s"] / rows["a3b4_triton"]["step_s"]
 if "a3b4_grouped_mm" in rows and "a3b4_triton" in rows:

@@ -420,3 +420,5 @@ def test_npu_cuda_bench_runs_tiny_on_cpu(tmp_path):
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["ok"] and set(summary["layouts"]) == {"gpu", "pp2", "ep2"}
     assert all(v["max_rel_gap"] < 1e-4 for v in summary["layouts"].values())
+    bubble = summary["layouts"]["pp2"]["bubble"]  # against the GPU run (no pp = 1 NPU run at 2 devices)
+    assert (bubble["p"], bubble["m"], bubble["reference"]) == (2, 4, "gpu") and bubble["theory"] == pytest.approx(0.2)

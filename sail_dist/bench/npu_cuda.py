@@ -44,11 +44,16 @@ LAYOUTS = {
     "pp2ep2": ["backend.name=npu", "parallel.pp=2", "parallel.ep=2"],
     "pp2ep4": ["backend.name=npu", "parallel.pp=2", "parallel.ep=4"],
     "pp4ep2": ["backend.name=npu", "parallel.pp=4", "parallel.ep=2"],
+    "ep4": ["backend.name=npu", "parallel.pp=1", "parallel.ep=4"],  # pp2ep4's no-pipeline reference
 }
 
 
+def _degree(layout: str, key: str) -> int:
+    return int(next((o for o in LAYOUTS[layout] if o.startswith(f"parallel.{key}=")), "=1").split("=")[1])
+
+
 def _pp(layout: str) -> int:
-    return int(next(o for o in LAYOUTS[layout] if o.startswith("parallel.pp=")).split("=")[1])
+    return _degree(layout, "pp")
 
 
 def global_batches(cfg, size: dict, step: int, n_global: int) -> list:
@@ -112,10 +117,33 @@ def run(out: str, layout: str, size_name: str, steps: int, n_global: int, npu_op
             tokens = n_global * sum(size["seqlens"])
             with open(out, "w") as f:
                 json.dump({"layout": layout, "size": size_name, "world": env.world_size, "device": env.device_name,
+                           "pp": _pp(layout), "ep": _degree(layout, "ep"), "micro_batches": cfg.train.micro_batches,
                            "dtype": cfg.train.precision, "opset": engine.ops.name, "tokens_per_step": tokens,
                            "peak_mem_gib": float(mem), "steps": rows}, f)
     finally:
         backend.teardown()
+
+
+def pipeline_bubbles(runs: list[dict], figures: dict) -> dict:
+    """Each pipelined run's idle share against a run of the same world and EP degree without a pipeline (the GPU
+    backend's run when there is none): that run does the same work per device with no stage waiting on another,
+    so the difference is the bubble plus the stages' imbalance and their point-to-point sends."""
+    out = {}
+    for r in runs:
+        p = r.get("pp", _pp(r["layout"]))
+        if p == 1:
+            continue
+        ep = r.get("ep", _degree(r["layout"], "ep"))
+        same_world = [q for q in runs if q["world"] == r["world"] and q.get("pp", _pp(q["layout"])) == 1]
+        ref = next((q for q in same_world if q["layout"] != "gpu" and q.get("ep", _degree(q["layout"], "ep")) == ep),
+                   next((q for q in same_world if q["layout"] == "gpu"), None))
+        if ref is None:
+            continue
+        m = r.get("micro_batches") or r["tokens_per_step"] // sum(SIZES[r["size"]]["seqlens"]) // (r["world"] // p)
+        out[r["layout"]] = {"p": p, "m": m, "reference": ref["layout"],
+                            "idle_share": 1 - figures[ref["layout"]]["ms_per_step"] / figures[r["layout"]]["ms_per_step"],
+                            "theory": (p - 1) / (m + p - 1)}
+    return out
 
 
 def report(runs: list[dict], warmup: int = 5, bar: float = 0.02) -> dict:
@@ -141,6 +169,15 @@ def report(runs: list[dict], warmup: int = 5, bar: float = 0.02) -> dict:
                                            "last_loss": r["steps"][-1]["loss"], "max_rel_gap": max_gap,
                                            "mean_rel_gap": mean_gap,
                                            "skipped": sum(s["skipped"] for s in r["steps"])}
+    bubble = pipeline_bubbles(runs, summary["layouts"])
+    if bubble:
+        lines += ["", "pipeline idle share: 1 - (step time of the same work without a pipeline) / (step time with it),",
+                  "against the 1F1B bubble (p-1)/(m+p-1) for p stages and m micro-batches per pipeline", "",
+                  f"{'layout':<7} {'p':>2} {'m':>3} {'reference':>9} {'measured':>9} {'1F1B theory':>12}"]
+        for name, b in bubble.items():
+            lines.append(f"{name:<7} {b['p']:>2} {b['m']:>3} {b['reference']:>9} {b['idle_share']:>9.1%} "
+                         f"{b['theory']:>12.1%}")
+            summary["layouts"][name]["bubble"] = b
     summary["ok"] = all(v["max_rel_gap"] <= bar and not v["skipped"] for v in summary["layouts"].values())
     lines += ["", f"loss curves within {bar:.0%} of the GPU backend at every step: {'yes' if summary['ok'] else 'NO'} "
                   f"(tokens/s: median step time after {warmup} warm-up steps)"]
