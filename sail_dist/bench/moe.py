@@ -8,8 +8,10 @@ and TFLOP/s (forward = 2*T*K*H*3F; forward+backward counted as 3x that), the cor
 implementation in bf16 against an fp32 reference (relative Frobenius error of the output and of all four
 gradients, with every kernel-written buffer NaN-poisoned first so an unwritten element fails), a per-kernel
 breakdown of ours (the torch._grouped_mm GEMMs inside ours beside our Triton kernels for the same steps),
-a plain bf16 matmul ceiling, and `grouped_mm_bare` (torch._grouped_mm's two GEMMs + SwiGLU alone on rows
-already sorted by expert: the bar "ours >= 1.0x grouped_mm"), all measured in the same run. A table, then
+two plain bf16 matmul ceilings (an 8192^3 matmul, and dense matmuls doing the layer's six GEMMs at its
+aggregate shape: "the ceiling on that shape"), and `grouped_mm_bare` (torch._grouped_mm's two GEMMs + SwiGLU
+alone on rows already sorted by expert: the bar "ours >= 1.0x grouped_mm"), all measured in the same run;
+ours and grouped_mm_bare are timed --repeats times, interleaved, and their medians reported. A table, then
 one JSON line.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 
 import torch
@@ -82,6 +85,26 @@ def matmul_ceiling() -> float:
     b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
     ms = _bench(lambda: a @ b)
     return 2 * n ** 3 / ms / 1e9
+
+
+def shape_ceiling(T: int, H: int, F: int, K: int) -> float:
+    """TFLOP/s of plain dense bf16 matmuls doing the layer's six GEMMs at its aggregate shape (M = T*K rows,
+    no groups): forward X @ W1 [H, 2F] and act @ W2 [F, H]; backward the two dgrads and the two weight
+    gradients in the layouts autograd uses. The issue's "bf16 matmul ceiling on that shape"."""
+    M = T * K
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+
+    def r(*shape):
+        return torch.randn(*shape, device=DEVICE, generator=g).to(torch.bfloat16)
+
+    x, act, dy, dh = r(M, H), r(M, F), r(M, H), r(M, 2 * F)
+    w1, w2 = r(H, 2 * F), r(F, H)
+
+    def six():
+        x @ w1, act @ w2, dy @ w2.t(), dh @ w1.t(), x.t() @ dh, act.t() @ dy
+
+    ms = _bench(six)
+    return 3 * 2 * M * H * 3 * F / ms / 1e9
 
 
 def _check(fn, inputs, ref_outs, poison) -> dict:
@@ -234,6 +257,9 @@ def main(argv=None) -> dict:
     p.add_argument("--impls", default="loop,grouped_mm,grouped_mm_cm,triton")
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--no-check", action="store_true")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="time ours and grouped_mm_bare this many times, interleaved; report the medians "
+                        "(same-process repeats of either move by up to +-5 %% on an H200)")
     p.add_argument("--json", default=None, help="also write the result JSON here")
     p.add_argument("--autotune-log", default=None, help="write every autotuned config's time here (JSON)")
     p.add_argument("--cpu-smoke", action="store_true",
@@ -286,12 +312,26 @@ def main(argv=None) -> dict:
             print(f"[moe bench] {shape} {name}: {r}  ({time.time() - t0:.0f}s)", flush=True)
         if "triton" in impls and not args.no_breakdown:
             res["triton_breakdown"] = _breakdown(*inputs)
-        if DEVICE == "cuda":
-            bare = _bare_grouped_mm(inputs)
-            bare["fwd_tflops"] = round(fwd_flops / bare["fwd_ms"] / 1e9, 1)
-            bare["fwdbwd_tflops"] = round(3 * fwd_flops / bare["fwdbwd_ms"] / 1e9, 1)
-            res["impls"]["grouped_mm_bare"] = bare
-            print(f"[moe bench] {shape} grouped_mm_bare: {bare}", flush=True)
+        # (Also under --cpu-smoke, to exercise the code; its timings mean nothing there.)
+        bare = _bare_grouped_mm(inputs)
+        ours = res["impls"].get("triton", {})
+        samples = {"triton": [ours] if "fwd_ms" in ours else [], "grouped_mm_bare": [bare]}
+        for _ in range(args.repeats - 1):
+            if samples["triton"]:
+                samples["triton"].append(_measure(impls["triton"], inputs, fwd_flops, None, poison=False))
+            samples["grouped_mm_bare"].append(_bare_grouped_mm(inputs))
+        for name, runs in samples.items():
+            if not runs:
+                continue
+            r = res["impls"].setdefault(name, {})
+            for key in ("fwd_ms", "fwdbwd_ms"):
+                values = [run[key] for run in runs]
+                r[key.replace("_ms", "_samples")] = values
+                r[key] = round(statistics.median(values), 4)
+            r["fwd_tflops"] = round(fwd_flops / r["fwd_ms"] / 1e9, 1)
+            r["fwdbwd_tflops"] = round(3 * fwd_flops / r["fwdbwd_ms"] / 1e9, 1)
+        print(f"[moe bench] {shape} grouped_mm_bare: {res['impls']['grouped_mm_bare']}", flush=True)
+        res["shape_ceiling_tflops"] = round(shape_ceiling(T, H, F, K), 1)
         ours = res["impls"].get("triton")
         for base in ("grouped_mm_bare", "grouped_mm", "grouped_mm_cm", "loop"):
             if ours and "fwd_ms" in ours and "fwd_ms" in res["impls"].get(base, {}):
@@ -299,7 +339,9 @@ def main(argv=None) -> dict:
                 res[f"speedup_vs_{base}"] = {"fwd": round(b["fwd_ms"] / ours["fwd_ms"], 2),
                                              "fwdbwd": round(b["fwdbwd_ms"] / ours["fwdbwd_ms"], 2)}
         if ours and "fwdbwd_tflops" in ours:
-            res["triton_fwdbwd_frac_of_ceiling"] = round(ours["fwdbwd_tflops"] / ceiling, 3)
+            res["triton_fwdbwd_frac_of_ceiling"] = round(ours["fwdbwd_tflops"] / ceiling, 3) if ceiling else None
+            if res.get("shape_ceiling_tflops"):
+                res["triton_fwdbwd_frac_of_shape_ceiling"] = round(ours["fwdbwd_tflops"] / res["shape_ceiling_tflops"], 3)
         result["shapes"][shape] = res
         del inputs, x, w, wgu, wd, dy
         if DEVICE == "cuda":
@@ -320,7 +362,8 @@ def main(argv=None) -> dict:
             e = "-" if err is None else f"{max(v for k, v in err.items() if k != 'ok'):.1e}" + ("" if err["ok"] else " FAIL")
             print(f"{shape:8} {name:14} {r['fwd_ms']:8.3f} {r['fwd_tflops']:8.0f} {r['fwdbwd_ms']:8.3f} "
                   f"{r['fwdbwd_tflops']:8.0f} {e:>11}")
-        for k in ("speedup_vs_grouped_mm_bare", "speedup_vs_grouped_mm", "speedup_vs_loop", "triton_fwdbwd_frac_of_ceiling"):
+        for k in ("speedup_vs_grouped_mm_bare", "speedup_vs_grouped_mm", "speedup_vs_loop", "shape_ceiling_tflops",
+                  "triton_fwdbwd_frac_of_ceiling", "triton_fwdbwd_frac_of_shape_ceiling"):
             if k in res:
                 print(f"{'':8} {k}: {res[k]}")
         for k, v in res.get("triton_breakdown", {}).items():
