@@ -71,6 +71,15 @@ class Backend(Protocol):
     def teardown(self, clean: bool = True) -> None: ...
 
 
+def check_local_device(local_rank: int, visible: int, kind: str) -> None:
+    """Fail with the fix when this node started more ranks than it has `kind` devices (the raw error would be
+    an "invalid device ordinal" from deep inside set_device)."""
+    if local_rank >= visible:
+        raise RuntimeError(
+            f"LOCAL_RANK={local_rank} but this node has {visible} visible {kind} device(s): start at most {visible} "
+            f"processes per node (torchrun --nproc_per_node), or check CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES")
+
+
 def model_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     """train.precision: `auto` = bf16 on accelerators (fp32 master weights in the optimizer), fp32 on CPU."""
     p = cfg.train.precision

@@ -11,7 +11,6 @@ import copy
 import os
 
 import pytest
-import torch
 
 from conftest import ROOT, rel_err
 from sail_dist.config import load_config

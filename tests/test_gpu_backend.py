@@ -91,3 +91,12 @@ def test_bf16_fp32_grad_accumulation_tracks_fp32_reference(tmp_path, offload):
     assert abs(got[0]["grad_norm"] - norms[0]) <= 1e-2 * norms[0], (got[0]["grad_norm"], norms[0])
     for step, (g, r) in enumerate(zip(got, ref)):
         assert abs(g["loss"] - r) <= 1e-2 * abs(r), (step, g["loss"], r)
+
+
+def test_more_ranks_than_devices_is_a_clear_error():
+    """A node started with more ranks than devices fails naming the fix, not with set_device's bare ordinal error."""
+    from sail_dist.backends.base import check_local_device
+
+    check_local_device(1, 2, "CUDA")  # fits
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK=1 .* 1 visible CUDA device.*nproc_per_node"):
+        check_local_device(1, 1, "CUDA")

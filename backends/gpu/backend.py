@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from sail_dist.backends.base import DistEnv
+from sail_dist.backends.base import DistEnv, check_local_device
 from sail_dist.config import Config
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class GPUBackend:
             log.info("CPU offload: %d host threads for this rank",
                      host_threads_for_offload(int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
         if cuda:
+            check_local_device(local_rank, torch.cuda.device_count(), "CUDA")
             torch.cuda.set_device(local_rank)
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
                                    timeout=datetime.timedelta(minutes=cfg.backend.dist_timeout_min))

@@ -20,7 +20,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from sail_dist.backends.base import DistEnv
+from sail_dist.backends.base import DistEnv, check_local_device
 from sail_dist.config import Config
 from sail_dist.parallel.mesh import ParallelDims, resolve_parallel_dims
 
@@ -98,10 +98,12 @@ class NPUBackend:
         self.platform = prepare_platform()
         local_rank = int(os.environ["LOCAL_RANK"])
         if self.platform == "npu":
+            check_local_device(local_rank, torch.npu.device_count(), "NPU")
             torch.npu.set_device(local_rank)
             device, comm = torch.device("npu", local_rank), "hccl"
             device_name = torch.npu.get_device_name(local_rank)
         elif self.platform == "cuda":
+            check_local_device(local_rank, torch.cuda.device_count(), "CUDA")
             torch.cuda.set_device(local_rank)
             device, comm = torch.device("cuda", local_rank), "nccl"
             device_name = torch.cuda.get_device_name(device)
