@@ -44,7 +44,8 @@ checked on the H100, and by the CUDA test). All accumulation is fp32; inputs may
 or fp32 (tests: the dots then run in IEEE fp32, not tf32). Every kernel writes each element of its output
 exactly once, so autotuning (which reruns kernels) cannot leave stale values behind.
 
-Under TRITON_INTERPRET=1 (CPU CI) every kernel uses one small fixed tile config.
+Under TRITON_INTERPRET=1 (CPU CI) every kernel uses one small fixed tile config and pointer loads (the TMA
+path is checked on the GPU: tests/test_triton_moe.py's bf16 test and the benchmark's poisoned checks).
 """
 from __future__ import annotations
 
