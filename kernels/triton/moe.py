@@ -50,6 +50,7 @@ path is checked on the GPU: tests/test_triton_moe.py's bf16 test and the benchma
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -547,29 +548,24 @@ _TMA_TILES = (128, 64)  # every gate_up config's BLOCK_N and BLOCK_K divide thes
 
 
 def _w_tma_ok(w_EHF2) -> bool:
-    """TMA for the gate_up weights: Hopper or newer, contiguous bf16/fp16 w with tile-aligned H and F."""
+    """TMA for the gate_up weights: a device that has it, contiguous bf16/fp16 w with tile-aligned H and F."""
     if not (W_TMA and w_EHF2.is_cuda and not INTERPRET and w_EHF2.is_contiguous()
-            and w_EHF2.dtype in (torch.bfloat16, torch.float16)
-            and torch.cuda.get_device_capability(w_EHF2.device)[0] >= 9):
+            and w_EHF2.dtype in (torch.bfloat16, torch.float16)):
         return False
     E, H, F2 = w_EHF2.shape
     if (F2 // 2) % _TMA_TILES[0] or H % _TMA_TILES[1]:
         return False
-    if not hasattr(tl, "make_tensor_descriptor"):
+    return _tma_device(w_EHF2.device.index if w_EHF2.device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _tma_device(index: int) -> bool:
+    """Whether device `index` runs in-kernel TMA descriptors (Hopper or newer, a Triton that has them); the
+    first yes also sets the global scratch allocator those descriptors need. Asked once per device."""
+    if torch.cuda.get_device_capability(index)[0] < 9 or not hasattr(tl, "make_tensor_descriptor"):
         return False
-    _ensure_tma_allocator()
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     return True
-
-
-_tma_allocator_set = False
-
-
-def _ensure_tma_allocator():
-    """Device-side TMA descriptors need scratch memory from a global allocator (set once)."""
-    global _tma_allocator_set
-    if not _tma_allocator_set:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _tma_allocator_set = True
 
 
 def gate_up_fwd(x_TH, w_EHF2, r: Routing):

@@ -332,7 +332,6 @@ def main(argv=None) -> dict:
             r["fwdbwd_tflops"] = round(3 * fwd_flops / r["fwdbwd_ms"] / 1e9, 1)
         print(f"[moe bench] {shape} grouped_mm_bare: {res['impls']['grouped_mm_bare']}", flush=True)
         res["shape_ceiling_tflops"] = round(shape_ceiling(T, H, F, K), 1)
-        ours = res["impls"].get("triton")
         for base in ("grouped_mm_bare", "grouped_mm", "grouped_mm_cm", "loop"):
             if ours and "fwd_ms" in ours and "fwd_ms" in res["impls"].get(base, {}):
                 b = res["impls"][base]
