@@ -141,6 +141,28 @@ def test_routing_metadata():
 
 
 @here
+@pytest.mark.parametrize("T,K,E,empty", [(30, 3, 7, (2, 6)), (700, 2, 300, ()), (5, 1, 4, (0, 3)), (0, 2, 4, ())])
+def test_fused_route_equals_torch_route(T, K, E, empty, monkeypatch):
+    """The one-kernel routing (route_weights) gives exactly the torch ops' routing, scale and inverse:
+    empty experts at the start, middle and end, more experts than a uint8 key holds, no tokens. The row
+    gather kernel equals index_select."""
+    gen = torch.Generator().manual_seed(T)
+    idx = _routing(T, K, E, gen, empty=empty).to(DEVICE)
+    w = torch.rand(T, K, generator=gen, dtype=torch.float64).to(DEVICE)
+    with moe.poison_outputs():
+        got = moe.route_weights(idx, w, E)
+        monkeypatch.setattr(moe, "FUSED_ROUTE", False)
+        want = moe.route_weights(idx, w, E)
+    for field in ("offsets_E1", "pos_M", "tok_M", "expert_M", "perm_M"):
+        a, b = getattr(got[0], field), getattr(want[0], field)
+        assert a.dtype == b.dtype and torch.equal(a, b), field
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    x = torch.randn(max(T, 1), 40, generator=gen).to(DEVICE)
+    with moe.poison_outputs():
+        assert torch.equal(moe.gather_rows(x, got[0].tok_M), x.index_select(0, got[0].tok_M))
+
+
+@here
 def test_grads_only_where_needed_and_weight_dtype():
     """Frozen experts (no weight grads) and weights in another dtype than x (fp64 router weights)."""
     x, idx, w, wgu, wd, dy = _case(16, 2, 4, 16, 16, seed=5)
@@ -181,4 +203,5 @@ def test_grouped_mm_path_bf16_cuda(grouped_mm, monkeypatch):
         assert err <= 1e-2, f"{name} rel err {err:.2e}"  # (NaN fails too)
     for e in empty:
         assert got[3][e].abs().max() == 0 and got[4][e].abs().max() == 0
+
 

@@ -11,8 +11,8 @@ breakdown of ours (the torch._grouped_mm GEMMs inside ours beside our Triton ker
 two plain bf16 matmul ceilings (an 8192^3 matmul, and dense matmuls doing the layer's six GEMMs at its
 aggregate shape: "the ceiling on that shape"), and `grouped_mm_bare` (torch._grouped_mm's two GEMMs + SwiGLU
 alone on rows already sorted by expert: the bar "ours >= 1.0x grouped_mm"), all measured in the same run;
-ours and grouped_mm_bare are timed --repeats times, interleaved, and their medians reported. A table, then
-one JSON line.
+ours and grouped_mm_bare are timed against each other in --rounds paired rounds (each round runs both once,
+so clock drift hits both alike) and those medians are their reported times. A table, then one JSON line.
 """
 from __future__ import annotations
 
@@ -123,6 +123,12 @@ def _check(fn, inputs, ref_outs, poison) -> dict:
     return errs
 
 
+def _torch_route(tmoe, idx, w, E):
+    """What route_weights' kernel replaced: route(), the scale gather, inverse_rows."""
+    r = tmoe.route(idx, E)
+    return r, w.reshape(-1).index_select(0, r.perm_M), tmoe.inverse_rows(r)
+
+
 def _breakdown(x, idx, w, wgu, wd, dy) -> dict:
     """Time each stage of ours on its own (ms, TFLOP/s) with the routing precomputed."""
     from sail_dist.kernels.triton import moe as tmoe
@@ -138,16 +144,18 @@ def _breakdown(x, idx, w, wgu, wd, dy) -> dict:
     dh, act_s, _ = tmoe.down_dgrad_split(dy, wd, h, scale, r, dy_MH)
     x_MH = x.index_select(0, tok)
     stages = {
-        "route": (lambda: tmoe.route(idx, E), 0),
+        "route": (lambda: tmoe.route_weights(idx, w, E), 0),
+        "  route: torch ops": (lambda: _torch_route(tmoe, idx, w, E), 0),
         "fwd_gate_up_swiglu": (lambda: tmoe.gate_up_fwd(x, wgu, r), 2 * M * H * F2),
         "fwd_down+combine": (lambda: tmoe.down_fwd(act, wd, r, scale, w, T, K), 2 * M * F * H),
-        "bwd_gather_dy": (lambda: dy.index_select(0, tok), 0),
+        "bwd_gather_dy": (lambda: tmoe.gather_rows(dy, tok), 0),
+        "  gather: index_select": (lambda: dy.index_select(0, tok), 0),
         "bwd_down_dgrad_fused": (lambda: tmoe.down_dgrad_fused(dy, wd, h, scale, r), 2 * M * H * F),
         "bwd_down_dgrad_split": (lambda: tmoe.down_dgrad_split(dy, wd, h, scale, r, dy_MH), 2 * M * H * F),
         "  split: gemm only": (lambda: torch._grouped_mm(dy_MH, wd.transpose(1, 2), offs=r.offsets_E1[1:]),
                                2 * M * H * F),
         "bwd_gate_up_dgrad+combine": (lambda: tmoe.gate_up_dgrad(dh, wgu, r, T, K), 2 * M * F2 * H),
-        "bwd_gather_x": (lambda: x.index_select(0, tok), 0),
+        "bwd_gather_x": (lambda: tmoe.gather_rows(x, tok), 0),
         "bwd_wgrad_gate_up": (lambda: tmoe.wgrad(x_MH, dh, r, wgu.dtype), 2 * M * H * F2),
         "bwd_wgrad_down": (lambda: tmoe.wgrad(act_s, dy_MH, r, wd.dtype), 2 * M * F * H),
         # Our Triton kernels for the GEMMs that go to torch._grouped_mm (for comparison; gathers included).
@@ -226,10 +234,25 @@ def _measure(fn, inputs, fwd_flops, ref_outs, poison) -> dict:
     return r
 
 
-def _bare_grouped_mm(inputs) -> dict:
+def _step_fns(fn, inputs):
+    """-> (forward under no_grad, forward+backward, the leaves whose grads a step fills)."""
+    x, idx, w, wgu, wd, dy = inputs
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, wgu, wd)]
+
+    def fwd():
+        with torch.no_grad():
+            fn(x, idx, w, wgu, wd)
+
+    def step():
+        fn(leaves[0], idx, leaves[1], leaves[2], leaves[3]).backward(dy)
+
+    return fwd, step, leaves
+
+
+def _bare_fns(inputs):
     """The bar of issue 6: torch._grouped_mm's two GEMMs (+ SwiGLU) alone, forward and forward+backward into
     (rows, both weights), on rows already sorted by expert (this routing's counts, each padded to 16 rows):
-    no routing, gather or combine, which every real implementation must add."""
+    no routing, gather or combine, which every real implementation must add. -> like _step_fns."""
     x, idx, w, wgu, wd, dy = inputs
     E = wgu.shape[0]
     counts = torch.bincount(idx.reshape(-1), minlength=E)
@@ -239,16 +262,70 @@ def _bare_grouped_mm(inputs) -> dict:
     xs = torch.randn(M, x.shape[1], device=DEVICE, generator=g).to(x.dtype)
     dys = torch.randn(M, x.shape[1], device=DEVICE, generator=g).to(x.dtype)
 
-    def fwd(a, w1, w2):
+    def layer(a, w1, w2):
         h = torch._grouped_mm(a, w1, offs=offs)
         gate, up = h.chunk(2, dim=-1)
         return torch._grouped_mm(torch.nn.functional.silu(gate) * up, w2, offs=offs)
 
-    with torch.no_grad():
-        f_ms = _bench(lambda: fwd(xs, wgu, wd))
     leaves = [t.detach().clone().requires_grad_() for t in (xs, wgu, wd)]
-    fb_ms = _bench(lambda: fwd(*leaves).backward(dys), grad_to_none=leaves)
-    return {"fwd_ms": round(f_ms, 4), "fwdbwd_ms": round(fb_ms, 4)}
+
+    def fwd():
+        with torch.no_grad():
+            layer(xs, wgu, wd)
+
+    def step():
+        layer(*leaves).backward(dys)
+
+    return fwd, step, leaves
+
+
+def _paired(fns: dict, rounds: int) -> dict:
+    """Round-robin timing of {name: (fn, leaves)}: each round calls every fn once (grads cleared and L2
+    flushed first, outside the timed span), rounds back to back, all queued before one sync. Separate
+    do_bench runs of one fn moved by up to +-5 % on an H200 (the clock and power state drift between
+    them); timed in the same rounds, the fns meet the same drift. -> {name: per-round ms}."""
+    for fn, _ in fns.values():  # compile / autotune / warm up
+        fn(), fn()
+    if DEVICE == "cpu":
+        times = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, (fn, leaves) in fns.items():
+                for t in leaves:
+                    t.grad = None
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        return times
+    flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device=DEVICE)
+    events = {name: [] for name in fns}
+    torch.cuda.synchronize()
+    for _ in range(rounds):
+        for name, (fn, leaves) in fns.items():
+            for t in leaves:
+                t.grad = None
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events[name].append((start, end))
+    torch.cuda.synchronize()
+    return {name: [s.elapsed_time(e) for s, e in evs] for name, evs in events.items()}
+
+
+def _time_against_bar(ours_fn, inputs, rounds: int) -> dict:
+    """Ours and grouped_mm_bare in paired rounds -> {impl: {fwd_ms, fwdbwd_ms (medians), *_iqr}}."""
+    sides = {"grouped_mm_bare": _bare_fns(inputs)}
+    if ours_fn is not None:
+        sides = {"triton": _step_fns(ours_fn, inputs), **sides}
+    out = {name: {"timing": f"paired, {rounds} rounds"} for name in sides}
+    for key, pick in (("fwd", lambda f: (f[0], [])), ("fwdbwd", lambda f: (f[1], f[2]))):
+        times = _paired({name: pick(f) for name, f in sides.items()}, rounds)
+        for name, t in times.items():
+            q = statistics.quantiles(t, n=4) if len(t) > 1 else t * 3
+            out[name][f"{key}_ms"] = round(q[1], 4)
+            out[name][f"{key}_iqr"] = [round(q[0], 4), round(q[2], 4)]
+    return out
 
 
 def main(argv=None) -> dict:
@@ -257,9 +334,9 @@ def main(argv=None) -> dict:
     p.add_argument("--impls", default="loop,grouped_mm,grouped_mm_cm,triton")
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--no-check", action="store_true")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="time ours and grouped_mm_bare this many times, interleaved; report the medians "
-                        "(same-process repeats of either move by up to +-5 %% on an H200)")
+    p.add_argument("--rounds", type=int, default=100,
+                   help="paired rounds timing ours against grouped_mm_bare (each round runs both once); their "
+                        "medians are the headline times (separate do_bench runs move by up to +-5 %% on an H200)")
     p.add_argument("--json", default=None, help="also write the result JSON here")
     p.add_argument("--autotune-log", default=None, help="write every autotuned config's time here (JSON)")
     p.add_argument("--cpu-smoke", action="store_true",
@@ -270,7 +347,7 @@ def main(argv=None) -> dict:
         import os
 
         os.environ["TRITON_INTERPRET"] = "1"  # before the Triton kernels are defined (imported)
-        DEVICE, args.shapes = "cpu", "tiny"
+        DEVICE, args.shapes, args.rounds = "cpu", "tiny", min(args.rounds, 3)
     elif not torch.cuda.is_available():
         raise SystemExit("python -m sail_dist.bench.moe needs a CUDA GPU")
 
@@ -312,31 +389,26 @@ def main(argv=None) -> dict:
             print(f"[moe bench] {shape} {name}: {r}  ({time.time() - t0:.0f}s)", flush=True)
         if "triton" in impls and not args.no_breakdown:
             res["triton_breakdown"] = _breakdown(*inputs)
-        # (Also under --cpu-smoke, to exercise the code; its timings mean nothing there.)
-        bare = _bare_grouped_mm(inputs)
+        # Headline times of ours and the bar: paired rounds (also under --cpu-smoke, to exercise the code;
+        # its timings mean nothing there). Ours' do_bench times stay beside them.
         ours = res["impls"].get("triton", {})
-        samples = {"triton": [ours] if "fwd_ms" in ours else [], "grouped_mm_bare": [bare]}
-        for _ in range(args.repeats - 1):
-            if samples["triton"]:
-                samples["triton"].append(_measure(impls["triton"], inputs, fwd_flops, None, poison=False))
-            samples["grouped_mm_bare"].append(_bare_grouped_mm(inputs))
-        for name, runs in samples.items():
-            if not runs:
-                continue
+        paired = _time_against_bar(impls["triton"] if "fwd_ms" in ours else None, inputs, args.rounds)
+        for name, p in paired.items():
             r = res["impls"].setdefault(name, {})
-            for key in ("fwd_ms", "fwdbwd_ms"):
-                values = [run[key] for run in runs]
-                r[key.replace("_ms", "_samples")] = values
-                r[key] = round(statistics.median(values), 4)
+            if "fwd_ms" in r:
+                r["do_bench_fwd_ms"], r["do_bench_fwdbwd_ms"] = r["fwd_ms"], r["fwdbwd_ms"]
+            r.update(p)
             r["fwd_tflops"] = round(fwd_flops / r["fwd_ms"] / 1e9, 1)
             r["fwdbwd_tflops"] = round(3 * fwd_flops / r["fwdbwd_ms"] / 1e9, 1)
         print(f"[moe bench] {shape} grouped_mm_bare: {res['impls']['grouped_mm_bare']}", flush=True)
         res["shape_ceiling_tflops"] = round(shape_ceiling(T, H, F, K), 1)
         for base in ("grouped_mm_bare", "grouped_mm", "grouped_mm_cm", "loop"):
             if ours and "fwd_ms" in ours and "fwd_ms" in res["impls"].get(base, {}):
-                b = res["impls"][base]
-                res[f"speedup_vs_{base}"] = {"fwd": round(b["fwd_ms"] / ours["fwd_ms"], 2),
-                                             "fwdbwd": round(b["fwdbwd_ms"] / ours["fwdbwd_ms"], 2)}
+                # Like against like: the bar's paired times against ours' paired times, the others' do_bench
+                # times against ours' do_bench times.
+                b, pre = res["impls"][base], "" if base == "grouped_mm_bare" else "do_bench_"
+                res[f"speedup_vs_{base}"] = {k: round(b[f"{k}_ms"] / ours[f"{pre}{k}_ms"], 3 if not pre else 2)
+                                             for k in ("fwd", "fwdbwd")}
         if ours and "fwdbwd_tflops" in ours:
             res["triton_fwdbwd_frac_of_ceiling"] = round(ours["fwdbwd_tflops"] / ceiling, 3) if ceiling else None
             if res.get("shape_ceiling_tflops"):
