@@ -22,6 +22,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for a test's child processes (multi-rank runs over gloo): one thread per rank, tests/
+    importable with the parent's PYTHONPATH kept (a machine that runs the suite from a source tree, not a pip
+    install, needs it), and no GPU, so they run on CPU everywhere as in CI (on a GPU machine the backends
+    would pick CUDA, and two ranks do not fit one GPU)."""
+    path = [os.path.join(ROOT, "tests"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path), "CUDA_VISIBLE_DEVICES": "",
+            **extra}
+
+
 def torchrun_cmd(nproc: int, *args: str) -> list[str]:
     """`torchrun --nproc_per_node N` on a free port, followed by `args` (a script or `-m module`, then its args)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",

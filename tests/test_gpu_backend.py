@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import ROOT, torchrun_cmd
+from conftest import ROOT, child_env, torchrun_cmd
 from dist.engine_run import step_batches
 from sail_dist.config import load_config
 from sail_dist.kernels import get_opset
@@ -24,7 +24,7 @@ COMMON = ["train.steps=5", "train.micro_batches=2", "train.lr=2e-3", "train.warm
 
 def torchrun(nproc: int, args: list[str], tmp_path, timeout: int = 600) -> list[dict]:
     out = tmp_path / "out.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "tests")}
+    env = child_env()
     cmd = torchrun_cmd(nproc, os.path.join(ROOT, "tests", "dist", "engine_run.py"), str(out), *args)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import ROOT, free_port, model_config, rel_err, torchrun_cmd
+from conftest import ROOT, child_env, free_port, model_config, rel_err, torchrun_cmd
 from dist.engine_run import step_batches
 from sail_dist.config import ParallelConfig, PipelineSplit, load_config
 from sail_dist.kernels import get_opset
@@ -223,7 +223,7 @@ def test_expert_parallel_dispatch_equals_unsharded_experts(tmp_path, route):
 def torchrun(nproc: int, mode: str, tmp_path, *overrides: str, config: str = TINY_MOE, timeout: int = 600,
              out_name: str = "out.json", **env_extra: str) -> dict:
     out = tmp_path / out_name
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "tests"), **env_extra}
+    env = child_env(**env_extra)
     cmd = torchrun_cmd(nproc, os.path.join(ROOT, "tests", "dist", "npu_run.py"), mode, str(out), config, *overrides)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
@@ -373,7 +373,7 @@ def test_parity_with_the_gpu_backend(tmp_path):
     """launch/parity.sh: GPU backend ZeRO-2 DP 2 vs NPU backend PP 2 x EP 2 on the demo data."""
     pytest.importorskip("deepspeed")
     demo = _demo_data(tmp_path / "demo")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT_DIR": str(tmp_path)}
+    env = child_env(OUT_DIR=str(tmp_path))
     r = subprocess.run(["bash", os.path.join(ROOT, "launch", "parity.sh"), "5", DEMO_NPU,
                         f"data.demo_dir={demo}"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
@@ -389,7 +389,7 @@ def test_parity_with_the_gpu_backend(tmp_path):
 def test_npu_pretrain_sh_runs_and_resumes_on_cpu(tmp_path):
     """The launcher itself, on CPU: the trainer with the NPU backend (PP 2 x EP 2, 4 processes), a checkpoint,
     then a second launch resuming from it reproduces the uninterrupted run's last steps exactly."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = child_env()
     common = [f"data.demo_dir={_demo_data(tmp_path / 'demo')}", "train.steps=4", "train.save_every=2",
               "train.eval_samples=0", "train.export_hf=false", "train.log_every=1"]
 
@@ -413,7 +413,7 @@ def test_npu_pretrain_sh_runs_and_resumes_on_cpu(tmp_path):
 def test_npu_cuda_bench_runs_tiny_on_cpu(tmp_path):
     """The CUDA comparison script (PP 2, EP 2, GPU backend) at tiny size over gloo: runs and reports."""
     pytest.importorskip("deepspeed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT_DIR": str(tmp_path)}
+    env = child_env(OUT_DIR=str(tmp_path))
     r = subprocess.run(["bash", os.path.join(ROOT, "launch", "npu_cuda_bench.sh"), "3", "tiny"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]

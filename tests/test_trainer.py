@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, torchrun_cmd
+from conftest import ROOT, child_env, torchrun_cmd
 
 pytest.importorskip("deepspeed")
 DEMO = os.path.join(ROOT, "configs", "demo", "demo.yaml")
@@ -27,10 +27,6 @@ def _cmd(nproc: int, out_dir: str, demo_dir: str, *overrides: str) -> list[str]:
             f"train.out_dir={out_dir}", f"data.demo_dir={demo_dir}", "train.eval_samples=0", "train.log_every=1",
             "data.pack_tokens=512", "data.num_workers=1", "train.micro_batches=2", "train.lr_schedule=cosine",
             "train.warmup_steps=2", *overrides)
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _losses(out_dir: str) -> dict[int, float]:
@@ -51,7 +47,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def _run(cmd, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -68,7 +64,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, demo_dir, optimizer):
 
     # The same run, killed (SIGKILL, no cleanup) as soon as its first checkpoint exists.
     part = str(tmp_path / "part")
-    proc = subprocess.Popen(_cmd(2, part, demo_dir, *steps), env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(2, part, demo_dir, *steps), env=child_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     ckpts = os.path.join(part, "checkpoints")
     deadline = time.time() + 300
