@@ -777,7 +777,7 @@ def grouped_wgrad(a, b, r: Routing, dtype, a_idx=None, b_idx=None):
     return dw
 
 
-# SAIL_MOE_FUSED_ROUTE=0: route with torch ops (route(), an index_select, inverse_rows) instead of one kernel.
+# SAIL_MOE_FUSED_ROUTE=0: route with torch ops (route_weights_torch) instead of one kernel.
 FUSED_ROUTE = os.environ.get("SAIL_MOE_FUSED_ROUTE", "1") != "0"
 
 
@@ -786,10 +786,9 @@ def route_weights(topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
     """The routing plus what the forward needs from it -> (Routing, scale_M = the routing weight of each
     sorted row, inv_M = inverse_rows). One torch sort, then one kernel for the rest, in place of ~8 torch
     launches (H200, A3B 8k: 0.16 ms against 0.23, mostly launch time)."""
-    T, K = topk_idx_TK.shape
     if not FUSED_ROUTE:
-        r = route(topk_idx_TK, num_experts)
-        return r, topk_weight_TK.reshape(-1).index_select(0, r.perm_M), inverse_rows(r)
+        return route_weights_torch(topk_idx_TK, topk_weight_TK, num_experts)
+    T, K = topk_idx_TK.shape
     keys_M, perm_M = sort_by_expert(topk_idx_TK, num_experts)
     M, dev = T * K, topk_idx_TK.device
     i32 = dict(dtype=torch.int32, device=dev)
@@ -802,6 +801,13 @@ def route_weights(topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
         keys_M, perm_M, topk_weight_TK.contiguous(), r.expert_M, r.pos_M, r.tok_M, scale_M, inv_M, r.offsets_E1,
         M, num_experts, M.bit_length(), K=K, BLOCK=block, num_warps=4)
     return r, scale_M, inv_M
+
+
+def route_weights_torch(topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                        num_experts: int) -> tuple[Routing, torch.Tensor, torch.Tensor]:
+    """route_weights in torch ops (route(), the scale gather, inverse_rows): its reference."""
+    r = route(topk_idx_TK, num_experts)
+    return r, topk_weight_TK.reshape(-1).index_select(0, r.perm_M), inverse_rows(r)
 
 
 # SAIL_MOE_GATHER_KERNEL=0: row gathers through index_select instead of _gather_rows_kernel.

@@ -123,12 +123,6 @@ def _check(fn, inputs, ref_outs, poison) -> dict:
     return errs
 
 
-def _torch_route(tmoe, idx, w, E):
-    """What route_weights' kernel replaced: route(), the scale gather, inverse_rows."""
-    r = tmoe.route(idx, E)
-    return r, w.reshape(-1).index_select(0, r.perm_M), tmoe.inverse_rows(r)
-
-
 def _breakdown(x, idx, w, wgu, wd, dy) -> dict:
     """Time each stage of ours on its own (ms, TFLOP/s) with the routing precomputed."""
     from sail_dist.kernels.triton import moe as tmoe
@@ -136,16 +130,15 @@ def _breakdown(x, idx, w, wgu, wd, dy) -> dict:
     T, K = idx.shape
     E, H, F2 = wgu.shape
     F, M = F2 // 2, T * K
-    r = tmoe.route(idx, E)
+    r, scale, _ = tmoe.route_weights(idx, w, E)
     tok = r.tok_M
-    scale = w.reshape(-1).index_select(0, r.perm_M)
     h, act = tmoe.gate_up_fwd(x, wgu, r)
     dy_MH = dy.index_select(0, tok)
     dh, act_s, _ = tmoe.down_dgrad_split(dy, wd, h, scale, r, dy_MH)
     x_MH = x.index_select(0, tok)
     stages = {
         "route": (lambda: tmoe.route_weights(idx, w, E), 0),
-        "  route: torch ops": (lambda: _torch_route(tmoe, idx, w, E), 0),
+        "  route: torch ops": (lambda: tmoe.route_weights_torch(idx, w, E), 0),
         "fwd_gate_up_swiglu": (lambda: tmoe.gate_up_fwd(x, wgu, r), 2 * M * H * F2),
         "fwd_down+combine": (lambda: tmoe.down_fwd(act, wd, r, scale, w, T, K), 2 * M * F * H),
         "bwd_gather_dy": (lambda: tmoe.gather_rows(dy, tok), 0),
@@ -214,19 +207,13 @@ def _best_configs() -> dict:
 def _measure(fn, inputs, fwd_flops, ref_outs, poison) -> dict:
     """Check (when ref_outs) and time one implementation; an exception is reported, not raised, so the
     other implementations still get measured."""
-    x, idx, w, wgu, wd, dy = inputs
     r = {}
     try:
         if ref_outs is not None:
             r["rel_err"] = _check(fn, inputs, ref_outs, poison)
-        with torch.no_grad():
-            ms = _bench(lambda: fn(x, idx, w, wgu, wd))
+        fwd, step, leaves = _step_fns(fn, inputs)
+        ms = _bench(fwd)
         r["fwd_ms"], r["fwd_tflops"] = round(ms, 4), round(fwd_flops / ms / 1e9, 1)
-        leaves = [t.detach().clone().requires_grad_() for t in (x, w, wgu, wd)]
-
-        def step():
-            fn(leaves[0], idx, leaves[1], leaves[2], leaves[3]).backward(dy)
-
         ms = _bench(step, grad_to_none=leaves)
         r["fwdbwd_ms"], r["fwdbwd_tflops"] = round(ms, 4), round(3 * fwd_flops / ms / 1e9, 1)
     except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON
