@@ -1,32 +1,16 @@
 """sail_dist: a dual-backend (Ascend NPU / NVIDIA GPU) trainer for SAIL-VL2-style vision-language models.
 
-One import package, `sail_dist`. The top-level folders backends/, parallel/ and kernels/ install as
-sail_dist.backends, sail_dist.parallel and sail_dist.kernels, so nothing generic lands in site-packages.
+One import package, `sail_dist`, laid out as it installs: a plain source checkout runs with `PYTHONPATH=.` and
+no install, and nothing at the repository root shadows a PyPI package (no top-level `kernels/` etc.).
 """
 from setuptools import find_packages, setup
-
-_MAPPED = {"backends": "sail_dist.backends", "parallel": "sail_dist.parallel", "kernels": "sail_dist.kernels"}
-
-
-def _packages() -> tuple[list[str], dict[str, str]]:
-    packages = find_packages(include=["sail_dist", "sail_dist.*"])
-    package_dir = {"sail_dist": "sail_dist"}
-    for folder, name in _MAPPED.items():
-        package_dir[name] = folder
-        packages.append(name)
-        packages += [f"{name}.{sub}" for sub in find_packages(where=folder)]
-    return packages, package_dir
-
-
-packages, package_dir = _packages()
 
 setup(
     name="sail_dist",
     version="0.1.0",
     description="Dual-backend (Ascend NPU + NVIDIA GPU) trainer for SAIL-VL2-style vision-language models",
     python_requires=">=3.10",
-    packages=packages,
-    package_dir=package_dir,
+    packages=find_packages(include=["sail_dist", "sail_dist.*"]),
     install_requires=[
         # CPU installs: pin torch==2.13.0 yourself first (an unpinned torch pulls a multi-GB CUDA build).
         "torch>=2.6",

@@ -220,7 +220,7 @@ class CheckpointingConfig:
 
 @dataclass
 class TrainConfig:
-    stage: str = "sft"
+    objective: str = "sft"  # what a step minimises: a name registered in sail_dist/objectives
     steps: int = 100
     micro_batches: int = 1  # packed micro-batches per rank per optimizer step (gradient accumulation)
     lr: float = 1e-5
@@ -233,7 +233,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     train_modules: list[str] = field(default_factory=lambda: ["vit", "adapter", "llm"])
     activation_checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
-    compile: bool = False  # torch.compile each block's dense parts (parallel/compile.py); GPU backend
+    compile: bool = False  # torch.compile each block's dense parts (sail_dist/parallel/compile.py); GPU backend only
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on accelerators, fp32 on CPU
     seed: int = 1234
     out_dir: str = "runs/default"
@@ -262,6 +262,10 @@ class TrainConfig:
             err("train_modules", "nothing to train")
         if self.grad_clip < 0:
             err("grad_clip", "must be >= 0 (0 disables)")
+        from sail_dist.objectives import available_objectives  # here: the objectives import the model, which imports us
+
+        if self.objective not in available_objectives():
+            err("objective", f"{self.objective!r} is not registered; available: {', '.join(available_objectives())}")
 
 
 # ---------------------------------------------------------------------------------------------- parallel
@@ -288,6 +292,19 @@ class ParallelConfig:
 
 
 # ----------------------------------------------------------------------------------------------- backend
+@dataclass(frozen=True)
+class KernelConfig:
+    """Switches of the GPU OpSet's Triton MoE experts (`backend.moe_impl: triton`), table in docs/gpu.md. The
+    defaults are the measured-fastest paths (BENCHMARKS.md); each `false` keeps a slower path for comparison
+    and tests. Frozen: the OpSet hands this object to the kernels as it is."""
+
+    moe_autotune: bool = True  # autotune each Triton GEMM's tile config per shape; false: each list's first config
+    moe_weight_tma: bool = True  # gate_up weight tiles through TMA on Hopper+; false: pointer loads
+    moe_grouped_mm: bool = True  # GEMMs without a fused epilogue on torch._grouped_mm; false: every GEMM in Triton
+    moe_fused_route: bool = True  # routing after the sort in one Triton kernel; false: torch ops
+    moe_gather_kernel: bool = True  # row gathers in a Triton kernel; false: index_select
+
+
 @dataclass
 class BackendConfig:
     name: Literal["gpu", "npu"] = "gpu"
@@ -300,12 +317,17 @@ class BackendConfig:
     # (gpu: DeepSpeed's grad_accum_dtype, which with CPU offload also keeps the accumulation on the device instead of
     # a host round trip per micro-batch; npu: Megatron's grad_reduce_in_fp32); bf16 = in the model dtype (less memory).
     grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
-    moe_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     dist_timeout_min: int = 30
+    kernels: KernelConfig = field(default_factory=KernelConfig)
 
     def check(self, err) -> None:
         if self.zero_stage not in (0, 1, 2):
             err("zero_stage", f"sail_dist supports ZeRO stages 0-2 (the SAIL-VL2 recipe uses 2), got {self.zero_stage}")
+        # A switch nothing reads would be silently ignored: name it instead.
+        changed = [f.name for f in dataclasses.fields(self.kernels) if getattr(self.kernels, f.name) != f.default]
+        if changed and (self.name, self.moe_impl) != ("gpu", "triton"):
+            err(f"kernels.{changed[0]}", f"only the GPU backend's Triton experts read it (backend.name=gpu, "
+                f"backend.moe_impl=triton), not name={self.name} with moe_impl={self.moe_impl}")
 
 
 @dataclass
@@ -323,6 +345,11 @@ class Config:
             err("parallel.ep", "expert parallelism needs an MoE model (model.llm.num_experts > 0)")
         if self.backend.name == "gpu" and (self.parallel.pp > 1 or self.parallel.ep > 1):
             err("parallel.pp", "the GPU backend is data parallel only (ZeRO-2); use backend.name=npu for PP/EP")
+        if self.backend.name == "npu" and self.train.compile:
+            # Its hot ops are torch_npu's fused kernels already, and no Ascend machine was at hand to validate
+            # inductor's NPU code generation or torchair for training (docs/npu.md).
+            err("train.compile", "the npu backend does not apply torch.compile (its hot ops are fused torch_npu "
+                "kernels; compiling on Ascend is not validated): set train.compile=false, or use backend.name=gpu")
 
 
 # ------------------------------------------------------------------------------------------ machinery

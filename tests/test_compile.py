@@ -1,4 +1,4 @@
-"""train.compile (parallel/compile.py): the compiled model computes what the eager model computes.
+"""train.compile (sail_dist/parallel/compile.py): the compiled model computes what the eager model computes.
 
 Compiled with torch.compile on CPU (Inductor's C++ backend): loss and every parameter gradient equal the
 eager model's to 1e-5 in fp32, for a dense model (whole layers compiled) and an MoE model (layers by parts),

@@ -57,3 +57,8 @@ def test_missing_file_and_cycle(tmp_path):
     _write(tmp_path, "b.yaml", "base: a.yaml\n")
     with pytest.raises(ConfigError, match="inheritance cycle"):
         load_config(a)
+
+
+def test_npu_backend_refuses_compile_with_the_reason():
+    with pytest.raises(ConfigError, match=r"train.compile.*npu backend does not apply torch.compile"):
+        load_config(None, ["data.demo=true", "backend.name=npu", "train.compile=true"])

@@ -5,11 +5,13 @@ import random
 
 import pytest
 
+from conftest import model_config
 from sail_dist.bench.packing import sample_mix
 from sail_dist.config import ModelConfig, load_config
 from sail_dist.data.balance import (CostModel, SampleCost, cost_model_from_config, imbalance, round_robin,
                                     schedule_step)
 from sail_dist.data.packing import StreamPacker
+from sail_dist.model.flops import flops_by_part
 
 CM = cost_model_from_config(ModelConfig())
 
@@ -87,6 +89,20 @@ def test_cost_model_from_config_is_roughly_six_times_params():
     cm_moe = cost_model_from_config(moe)  # A3B: ~3B active parameters, not 30B
     assert 1.2e10 < cm_moe.llm_token < 2.5e10
     assert cm.vit_per_patch > 0 and cm.vit_attn_per_patch2 > 0
+
+
+@pytest.mark.parametrize("name", ["sailvl2_2b", "sailvl2_a3b"])
+def test_cost_model_is_flops_py(name):
+    """A sample's scheduling costs are model/flops.py's training FLOPs of it: LLM (layers + head) and vision."""
+    cfg = model_config(name)
+    cm = cost_model_from_config(cfg)
+    rng = random.Random(0)
+    cases = [sample_mix(rng) for _ in range(50)] + [(1, []), (40000, []), (300, [(16, 24), (32, 32), (8, 8)])]
+    for n, grids in cases:
+        parts = flops_by_part(cfg, [n], [r * c for r, c in grids]).train
+        cost = SampleCost.of(cm, n, grids)
+        assert cost.llm == pytest.approx(parts.select(range(cfg.llm.num_layers), head=True), rel=1e-9)
+        assert cost.vit == pytest.approx(parts.vision, rel=1e-9)
 
 
 def test_imbalance_and_sample_cost():

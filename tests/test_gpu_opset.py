@@ -1,4 +1,4 @@
-"""The GPU OpSet (kernels/gpu.py) against the reference OpSet.
+"""The GPU OpSet (sail_dist/kernels/gpu.py) against the reference OpSet.
 
 CPU (CI): every op on CPU tensors equals the reference: the chunked linear cross-entropy (values and
 gradients, any chunking, ignored labels), the loop and grouped_mm experts (zero-token experts, a hot
@@ -8,6 +8,7 @@ cross-entropy, the Triton experts with their buffers NaN-poisoned.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,7 +17,8 @@ import sys
 import pytest
 import torch
 
-from sail_dist.kernels import get_opset, gpu
+from sail_dist.config import ConfigError, KernelConfig, load_config
+from sail_dist.kernels import get_opset, gpu, opset_for_backend
 from sail_dist.kernels import reference as ref
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -51,6 +53,29 @@ def test_opset_options():
             get_opset("gpu", attention_impl="flash_attn")
     auto = get_opset("gpu").attention.impl
     assert auto in ("flash_attn", "torch_varlen", "reference")
+
+
+def test_kernel_switches_from_the_config():
+    """`backend.kernels` reaches the Triton experts through opset_for_backend (what the engines call); a switch
+    nothing would read, an unknown name and a non-boolean are config errors. (Each switch's effect on the
+    kernels: tests/test_triton_moe.py.)"""
+    assert get_opset("gpu").moe_experts.keywords["opts"] == KernelConfig()
+    cfg = load_config(None, ["data.demo=true", "backend.kernels.moe_grouped_mm=false",
+                             "backend.kernels.moe_autotune=false"])
+    ops = opset_for_backend("gpu", cfg.backend)
+    assert ops.moe_experts.func is gpu.moe_experts_triton
+    assert ops.moe_experts.keywords["opts"] == KernelConfig(moe_grouped_mm=False, moe_autotune=False)
+    assert opset_for_backend("gpu", load_config(None, ["data.demo=true", "backend.moe_impl=loop"]).backend
+                             ).moe_experts is gpu.moe_experts_loop
+    with pytest.raises(ConfigError, match=r"'backend.kernels.moe_fused_route' \(from command line\): only the GPU "
+                                          r"backend's Triton experts read it .*moe_impl=grouped_mm"):
+        load_config(None, ["data.demo=true", "backend.moe_impl=grouped_mm", "backend.kernels.moe_fused_route=false"])
+    with pytest.raises(ConfigError, match=r"'backend.kernels.moe_weight_tma'.*not name=npu"):
+        load_config(None, ["data.demo=true", "backend.name=npu", "backend.kernels.moe_weight_tma=false"])
+    with pytest.raises(ConfigError, match=r"did you mean 'backend.kernels.moe_gather_kernel'"):
+        load_config(None, ["data.demo=true", "backend.kernels.moe_gather=false"])
+    with pytest.raises(ConfigError, match=r"'backend.kernels.moe_autotune'.*expected true or false, got 0"):
+        load_config(None, ["data.demo=true", "backend.kernels.moe_autotune=0"])
 
 
 def test_pointwise_ops_match_reference():
@@ -184,6 +209,7 @@ def test_moe_bench_cpu_smoke():
             lo, hi = r[f"{key}_iqr"]
             assert 0 < lo <= r[f"{key}_ms"] <= hi
     assert tiny["speedup_vs_grouped_mm_bare"]["fwdbwd"] > 0
+    assert result["kernels"] == dataclasses.asdict(KernelConfig())  # ours ran on the default switches
     assert tiny["shape_ceiling_tflops"] >= 0
 
 

@@ -1,4 +1,5 @@
-"""The step objective does not depend on how the step is split into micro-batches (every reduction mode)."""
+"""The SFT objective (objectives/sft.py): the step objective does not depend on how the step is split into
+micro-batches (every reduction mode), and equals sum(w * ce) / sum(w) computed by hand."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from conftest import make_sample, model_config, pack, rel_err
 from sail_dist.kernels import get_opset
 from sail_dist.model.sailvl import SailVL
-from sail_dist.train.loss import global_weight_sum, micro_batch_loss
+from sail_dist.objectives import build_objective
 
 
 def _weights(batch, reduction: str) -> torch.Tensor:
@@ -23,13 +24,30 @@ def _weights(batch, reduction: str) -> torch.Tensor:
 
 def _objective(model, batches):
     model.zero_grad()
-    W = global_weight_sum(batches)
+    obj = build_objective("sft")
+    obj.begin_step(batches, lambda t: t)  # one process: the all-reduce is the identity
     total = 0.0
     for b in batches:
-        loss = micro_batch_loss(model(b).loss_T, b, W)
+        loss = obj.loss(model(b), b).loss
         loss.backward()
         total += float(loss.detach())
     return total, [p.grad.clone() for p in model.parameters()]
+
+
+def test_sft_share_is_the_weighted_ce_over_the_step_weight():
+    cfg = model_config("tiny")
+    model = SailVL(cfg, get_opset("reference"))
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(2)
+    batches = [pack([make_sample(cfg, n, gen=g)]) for n in (11, 17)]
+    batches[1].loss_weight = _weights(batches[1], "square")
+    W = float(sum(b.loss_weight.double().sum() for b in batches))
+    obj = build_objective("sft")
+    obj.begin_step(batches, lambda t: t * 3)  # the reduction's result is what counts: 3 identical ranks
+    for b in batches:
+        out = model(b)
+        expect = float((out.loss_T.detach().double() * b.loss_weight.double()).sum()) / (3 * W)
+        assert abs(float(obj.loss(out, b).loss) - expect) <= 1e-6 * expect
 
 
 @pytest.mark.parametrize("reduction", ["token", "sample", "square"])
@@ -58,4 +76,9 @@ def test_all_unlabelled_step_is_an_error():
     b = pack([make_sample(cfg, 5)])
     b.loss_weight.zero_()
     with pytest.raises(RuntimeError, match="no supervised token"):
-        global_weight_sum([b])
+        build_objective("sft").begin_step([b], lambda t: t)
+
+
+def test_unknown_objective_names_the_registered_ones():
+    with pytest.raises(KeyError, match="train.objective 'dpo' is not registered; available: .*sft"):
+        build_objective("dpo")

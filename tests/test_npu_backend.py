@@ -21,11 +21,9 @@ from dist.engine_run import step_batches
 from sail_dist.config import ParallelConfig, PipelineSplit, load_config
 from sail_dist.kernels import get_opset
 from sail_dist.model.build import build_model
-from sail_dist.model.flops import llm_linear_per_token
+from sail_dist.model.flops import batch_flops, batch_flops_by_part, flops_by_part
 from sail_dist.parallel.mesh import ParallelConfigError, resolve_parallel_dims
-from sail_dist.parallel.pipeline import (Workload, balance_layers, build_stages, llm_layer_linear_per_token,
-                                         plan_pipeline)
-from sail_dist.train.loss import micro_batch_loss
+from sail_dist.parallel.pipeline import Workload, balance_layers, build_stages, plan_pipeline
 from sail_dist.train.lr import lr_at
 
 pytest.importorskip("megatron.core")
@@ -78,11 +76,35 @@ def test_mesh_ep_needs_moe_and_interleaving_needs_whole_groups():
 
 
 # -------------------------------------------------------------------------------------------- pipeline
-def test_layer_costs_add_up_to_flops_py():
+@pytest.mark.parametrize("trainable", [("vit", "adapter", "llm"), ("adapter", "llm"), ("llm",)])
+def test_plan_costs_are_flops_py(trainable):
+    """The split balances model/flops.py's training FLOPs of the reference micro-batch, part by part."""
     cfg = model_config("sailvl2_a3b", "model.llm.dense_layers=[0]")
-    per_layer = sum(llm_layer_linear_per_token(cfg, i) for i in range(cfg.llm.num_layers))
-    head = 2.0 * cfg.llm.hidden_size * cfg.llm.vocab_size
-    assert per_layer + head == pytest.approx(llm_linear_per_token(cfg.llm), rel=1e-12)
+    w = Workload.from_config(cfg, 10000)  # samples of 4096, 4096 and 1808 tokens
+    plan = plan_pipeline(cfg, 4, trainable=trainable, workload=w)
+    want = flops_by_part(cfg, [4096, 4096, 1808], [cfg.vit.grid ** 2] * w.tiles, trainable).train
+    assert plan.costs.layers == want.layers and plan.costs.layers[0] < plan.costs.layers[1]  # dense < MoE
+    assert (plan.costs.vision, plan.costs.head) == (want.vision, want.head)
+    assert sum(s.cost for s in plan.stages) == pytest.approx(want.total, rel=1e-12)
+    for s in plan.stages:
+        expect = sum(want.layers[i] for i in s.llm_layers) + (want.vision if s.first else 0.0) + (
+            want.head if s.last else 0.0)
+        assert s.cost == pytest.approx(expect, rel=1e-12)
+
+
+def test_rank_parts_add_up_to_batch_flops():
+    """The parts each pipeline rank holds (interleaved: two chunks each) sum to the micro-batch's FLOPs, so
+    per-rank FLOPs from batch_flops_by_part add up over the pipeline."""
+    cfg = model_config("tiny_moe")
+    batch = step_batches(load_config(TINY_MOE, ["data.demo=true"]), 0, 0, 1)[0]
+    plan = plan_pipeline(cfg, 2, 2, split=PipelineSplit(llm=[1, 1, 1, 1]))
+    for trainable in (("vit", "adapter", "llm"), ("adapter", "llm")):
+        parts = batch_flops_by_part(cfg, batch, trainable).train
+        ranks = [parts.select([i for s in plan.for_rank(r) for i in s.llm_layers],
+                              vision=any(s.first for s in plan.for_rank(r)), head=any(s.last for s in plan.for_rank(r)))
+                 for r in range(2)]
+        assert batch.num_images and min(ranks) > 0
+        assert sum(ranks) == pytest.approx(batch_flops(cfg, batch, trainable).train, rel=1e-12)
 
 
 def test_balance_layers_is_the_exact_minimax():
@@ -257,7 +279,7 @@ def reference(overrides: list[str], dp: int, config: str = TINY_MOE) -> tuple[li
             for b in group:
                 for layer, c in zip(moe, counts or [None] * len(moe)):
                     layer.reduce_counts = (lambda _t, c=c: c) if c is not None else None
-                loss = micro_batch_loss(model(b).loss_T, b, W)
+                loss = (model(b).loss_T * b.loss_weight).sum() / W  # sum(w * ce) / W, by hand
                 loss.backward()
                 total += float(loss.detach())
         if step == 0:  # named_parameters() lists a tied lm head once, as the embedding
@@ -316,6 +338,10 @@ def test_layouts_train_like_a_single_process(tmp_path, layout):
     for step, (g, r) in enumerate(zip(losses, ref_losses)):
         assert abs(g - r) <= 1e-5 * abs(r), (layout, step, g, r)
     assert losses[-1] < losses[0]
+    cfg = load_config(config, ["data.demo=true", *overrides])
+    step0 = [b for r in range(dp) for b in step_batches(cfg, 0, r, dp)]
+    want = sum(batch_flops(cfg.model, b, cfg.train.train_modules).train for b in step0)
+    assert abs(got["steps"][0]["world_flops"] - want) <= 1e-9 * want, (got["steps"][0]["world_flops"], want)
     norms = got["layer_grad_norms"]
     assert set(norms) == set(ref_norms)
     for n, v in ref_norms.items():

@@ -1,4 +1,4 @@
-"""The vocab-chunked linear cross-entropy's Triton row kernels (kernels/triton/cross_entropy.py) against the
+"""The vocab-chunked linear cross-entropy's Triton row kernels (sail_dist/kernels/triton/cross_entropy.py) against the
 reference OpSet: loss and both gradients, fp32 to 1e-5 relative, vocabulary blocks wider and narrower than the
 kernels' 2048-column tile, ignored labels, labels in the first and last block.
 
@@ -7,17 +7,16 @@ tests/test_triton_moe.py, the file then re-runs itself in a child pytest process
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from conftest import run_in_triton_interpreter
 from sail_dist.kernels import gpu
 from sail_dist.kernels import reference as ref
+from sail_dist.kernels.triton import interpreting
 
 CUDA = torch.cuda.is_available()
-RUN_HERE = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+RUN_HERE = CUDA or interpreting()
 here = pytest.mark.skipif(not RUN_HERE, reason="CPU: runs in the interpreter child (test_interpreter_child)")
 DEVICE = "cuda" if CUDA else "cpu"
 

@@ -1,27 +1,30 @@
-"""The Triton fused MoE experts (kernels/triton/moe.py) against the reference OpSet.
+"""The Triton fused MoE experts (sail_dist/kernels/triton/moe.py) against the reference OpSet.
 
 With CUDA the kernels run compiled (the fp32 dots in IEEE mode). Without CUDA they run in Triton's CPU
 interpreter, which must be switched on (TRITON_INTERPRET=1) before triton itself is first imported: this
 module then re-runs itself in a child pytest process with that variable set (test_interpreter_child), so
 nothing else in the parent process ever runs in the interpreter. Either way: forward and all four
 gradients equal the float64 reference to 1e-5 relative in fp32, with zero-token experts, a single hot
-expert, K = 1, shapes that are and are not multiples of the tiles, both down-dgrad variants, and every
-kernel-written buffer NaN-poisoned first.
+expert, K = 1, shapes that are and are not multiples of the tiles, library GEMMs or Triton only, and every
+kernel-written buffer NaN-poisoned first; each `backend.kernels` switch takes its other path when off.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
-import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import run_in_triton_interpreter
-from sail_dist.kernels import get_opset
+from sail_dist.config import KernelConfig, load_config
+from sail_dist.kernels import opset_for_backend
 from sail_dist.kernels import reference as ref
+from sail_dist.kernels.triton import interpreting
 
 CUDA = torch.cuda.is_available()
-RUN_HERE = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+RUN_HERE = CUDA or interpreting()
 here = pytest.mark.skipif(not RUN_HERE, reason="CPU: runs in the interpreter child (test_interpreter_child)")
 
 
@@ -31,22 +34,9 @@ def test_interpreter_child():
     run_in_triton_interpreter(__file__)
 
 
-def _import_moe():
-    """On CUDA: one tile config per kernel (correctness, not speed; fp32 IEEE candidates compile slowly).
-    SAIL_MOE_AUTOTUNE is read when the kernels are defined, then restored."""
-    saved = os.environ.get("SAIL_MOE_AUTOTUNE")
-    if CUDA:
-        os.environ.setdefault("SAIL_MOE_AUTOTUNE", "0")
-    try:
-        return importlib.import_module("sail_dist.kernels.triton.moe")
-    finally:
-        if saved is None:
-            os.environ.pop("SAIL_MOE_AUTOTUNE", None)
-        else:
-            os.environ["SAIL_MOE_AUTOTUNE"] = saved
-
-
-moe = _import_moe() if RUN_HERE else None
+moe = importlib.import_module("sail_dist.kernels.triton.moe") if RUN_HERE else None
+# One tile config per kernel: correctness, not speed (on a GPU fp32 IEEE candidates compile slowly).
+OPTS = KernelConfig(moe_autotune=False)
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,6 +81,24 @@ def _fwd_bwd(fn, x, idx, w, wgu, wd, dy, dtype, device):
     return [y.detach()] + [t.grad for t in leaves]
 
 
+class _AtenOps(TorchDispatchMode):
+    """Records the names of the aten ops run inside it: which path a switch took (Triton launches are not
+    aten ops, their torch fallbacks are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _experts(opts: KernelConfig):
+    """The Triton moe_experts on these switches, with the OpSet's signature."""
+    return lambda *args: moe.moe_experts(*args, opts)
+
+
 NAMES = ("y", "dx", "d_topk_weight", "d_w_gate_up", "d_w_down")
 CASES = {
     # name: (T, K, E, H, F, kwargs)
@@ -103,18 +111,17 @@ CASES = {
 
 @here
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("dgrad", ["fused", "split"])
 @pytest.mark.parametrize("grouped_mm", [True, False] if not CUDA else [False])
-def test_forward_and_grads_match_reference_fp32(case, dgrad, grouped_mm, monkeypatch):
-    """(On CUDA torch._grouped_mm takes bf16 only: fp32 runs every GEMM in Triton there, and the grouped_mm
-    path is checked in bf16 by test_grouped_mm_path_bf16_cuda.)"""
+def test_forward_and_grads_match_reference_fp32(case, grouped_mm):
+    """Library GEMMs where they apply, or every GEMM in Triton (`moe_grouped_mm`). (On CUDA torch._grouped_mm
+    takes bf16 only: fp32 runs every GEMM in Triton there, and the grouped_mm path is checked in bf16 by
+    test_grouped_mm_path_bf16_cuda.)"""
     T, K, E, H, F, kw = CASES[case]
     inputs = _case(T, K, E, H, F, **kw)
     want = _fwd_bwd(ref.moe_experts, *inputs, torch.float64, "cpu")
-    monkeypatch.setattr(moe, "DGRAD_MODE", dgrad)  # both variants of the down-projection backward
-    monkeypatch.setattr(moe, "USE_GROUPED_MM", grouped_mm)  # library GEMMs where they apply, or all Triton
-    with moe.poison_outputs():
-        got = _fwd_bwd(moe.moe_experts, *inputs, torch.float32, DEVICE)
+    with moe.poison_outputs(), _AtenOps() as ops:
+        got = _fwd_bwd(_experts(dataclasses.replace(OPTS, moe_grouped_mm=grouped_mm)), *inputs, torch.float32, DEVICE)
+    assert ("_grouped_mm" in ops.names) == grouped_mm
     for name, g, w in zip(NAMES, got, want):
         assert g.shape == w.shape and g.dtype == torch.float32, name
         assert _rel(g, w) <= TOL_FP32, f"{case}: {name} rel err {_rel(g, w):.2e}"
@@ -142,24 +149,81 @@ def test_routing_metadata():
 
 @here
 @pytest.mark.parametrize("T,K,E,empty", [(30, 3, 7, (2, 6)), (700, 2, 300, ()), (5, 1, 4, (0, 3)), (0, 2, 4, ())])
-def test_fused_route_equals_torch_route(T, K, E, empty, monkeypatch):
-    """The one-kernel routing (route_weights) gives exactly the torch ops' routing, scale and inverse:
-    empty experts at the start, middle and end, more experts than a uint8 key holds, no tokens. The row
-    gather kernel equals index_select."""
+def test_fused_route_equals_torch_route(T, K, E, empty):
+    """The one-kernel routing (route_weights) gives exactly the torch ops' routing, scale and inverse
+    (`moe_fused_route` off): empty experts at the start, middle and end, more experts than a uint8 key holds,
+    no tokens. The row gather kernel equals index_select (`moe_gather_kernel` off)."""
     gen = torch.Generator().manual_seed(T)
     idx = _routing(T, K, E, gen, empty=empty).to(DEVICE)
     w = torch.rand(T, K, generator=gen, dtype=torch.float64).to(DEVICE)
     with moe.poison_outputs():
-        got = moe.route_weights(idx, w, E)
-        monkeypatch.setattr(moe, "FUSED_ROUTE", False)
-        want = moe.route_weights(idx, w, E)
+        got = moe.route_weights(idx, w, E, OPTS)
+        want = moe.route_weights(idx, w, E, dataclasses.replace(OPTS, moe_fused_route=False))
     for field in ("offsets_E1", "pos_M", "tok_M", "expert_M", "perm_M"):
         a, b = getattr(got[0], field), getattr(want[0], field)
         assert a.dtype == b.dtype and torch.equal(a, b), field
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
     x = torch.randn(max(T, 1), 40, generator=gen).to(DEVICE)
     with moe.poison_outputs():
-        assert torch.equal(moe.gather_rows(x, got[0].tok_M), x.index_select(0, got[0].tok_M))
+        rows = moe.gather_rows(x, got[0].tok_M, OPTS)
+    assert torch.equal(rows, moe.gather_rows(x, got[0].tok_M, dataclasses.replace(OPTS, moe_gather_kernel=False)))
+
+
+# switch -> an aten op that only its `false` path runs. Both paths of either switch compute exact copies (the
+# routing, the row gathers), so the op's results are bitwise the same.
+TORCH_PATH_OPS = {"moe_fused_route": "searchsorted", "moe_gather_kernel": "index_select"}
+
+
+@here
+@pytest.mark.parametrize("switch", list(TORCH_PATH_OPS))
+def test_switch_off_takes_torch_path_with_identical_results(switch):
+    """The whole op (forward and all four gradients) with a switch off: bitwise the default's results, through
+    its torch path (bf16 on CUDA, where the row gathers run: fp32 there skips torch._grouped_mm)."""
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    inputs = _case(40, 2, 8, 32, 16, seed=2, empty=(5,))
+    with _AtenOps() as on_ops:
+        on = _fwd_bwd(_experts(OPTS), *inputs, dtype, DEVICE)
+    with _AtenOps() as off_ops:
+        off = _fwd_bwd(_experts(dataclasses.replace(OPTS, **{switch: False})), *inputs, dtype, DEVICE)
+    op = TORCH_PATH_OPS[switch]
+    assert op not in on_ops.names and op in off_ops.names
+    for name, a, b in zip(NAMES, off, on):
+        assert torch.equal(a, b), name
+
+
+@here
+def test_autotune_switch_picks_the_kernel():
+    """`moe_autotune` picks, per launch, the kernel tuned over its candidate list or the one fixed at the
+    list's first config (under the interpreter both hold the one small interpreter config)."""
+    for kernel, configs in ((moe._gate_up_swiglu_fwd_kernel, moe._GATE_UP_CONFIGS),
+                            (moe._grouped_gemm_kernel, moe._ROW_CONFIGS),
+                            (moe._grouped_wgrad_kernel, moe._WGRAD_CONFIGS)):
+        tuned, fixed = kernel.select(KernelConfig()), kernel.select(OPTS)
+        assert tuned is kernel.autotuned and fixed is kernel.fixed and tuned is not fixed
+        assert fixed.configs == tuned.configs[:1] and len(fixed.configs) == 1
+        if not moe.INTERPRET:
+            assert tuned.configs == configs
+
+
+@here
+@pytest.mark.parametrize("tma", [True, False])
+def test_weight_tma_switch(tma):
+    """`moe_weight_tma`: the gate_up kernel loads tile-aligned bf16 weights through TMA only when switched on
+    and on Hopper or newer (pointer loads under the interpreter); h and act match the reference either way."""
+    T, K, E, H, F = 64, 2, 4, 128, 128  # H, F multiples of the TMA tiles
+    x, idx, w, wgu, _, _ = _case(T, K, E, H, F, seed=4, empty=(2,))
+    x, wgu = x.to(DEVICE, torch.bfloat16), wgu.to(DEVICE, torch.bfloat16)
+    opts = dataclasses.replace(OPTS, moe_weight_tma=tma)
+    hopper = CUDA and torch.cuda.get_device_capability()[0] >= 9 and hasattr(moe.tl, "make_tensor_descriptor")
+    assert moe._w_tma_ok(wgu, opts) == (tma and hopper)
+    r = moe.route(idx.to(DEVICE), E)
+    with moe.poison_outputs():
+        h, act = moe.gate_up_fwd(x, wgu, r, opts)
+    tok, expert = r.tok_M.long().cpu(), r.expert_M.long().cpu()
+    want_h = torch.einsum("mh,mhf->mf", x.double().cpu()[tok], wgu.double().cpu()[expert])
+    assert float((h.double().cpu() - want_h).norm() / want_h.norm()) <= 1e-2
+    want_act = ref.swiglu(h.double().cpu())  # from the rounded h, as the kernel computes it
+    assert float((act.double().cpu() - want_act).norm() / want_act.norm()) <= 1e-2
 
 
 @here
@@ -176,27 +240,37 @@ def test_grads_only_where_needed_and_weight_dtype():
 
 
 @here
-def test_gpu_opset_dispatches_to_triton():
-    ops = get_opset("gpu", moe_impl="triton")
-    x, idx, w, wgu, wd, _ = _case(24, 2, 5, 16, 8, seed=7, empty=(3,))
-    got = ops.moe_experts(x.float().to(DEVICE), idx.to(DEVICE), w.float().to(DEVICE), wgu.float().to(DEVICE),
-                          wd.float().to(DEVICE))
-    assert _rel(got, ref.moe_experts(x, idx, w, wgu, wd)) <= TOL_FP32
+@pytest.mark.parametrize("grouped_mm", ["true", "false"])
+def test_gpu_opset_dispatches_to_triton(grouped_mm):
+    """The config's `backend.kernels` reach the kernels through opset_for_backend."""
+    cfg = load_config(None, ["data.demo=true", "backend.kernels.moe_autotune=false",
+                             f"backend.kernels.moe_grouped_mm={grouped_mm}"])
+    ops = opset_for_backend("gpu", cfg.backend)
+    dtype = torch.bfloat16 if CUDA else torch.float32  # (torch._grouped_mm on CUDA: bf16 only)
+    args = [t.to(dtype) if t.is_floating_point() else t for t in _case(24, 2, 5, 16, 8, seed=7, empty=(3,))[:5]]
+    with _AtenOps() as ran:
+        got = ops.moe_experts(*(t.to(DEVICE) for t in args))
+    assert ("_grouped_mm" in ran.names) == (grouped_mm == "true")
+    want = ref.moe_experts(*(t.double() if t.is_floating_point() else t for t in args))
+    assert float((got.double().cpu() - want).norm() / want.norm()) <= (1e-2 if CUDA else TOL_FP32)
 
 
 @pytest.mark.skipif(not CUDA, reason="torch._grouped_mm's CUTLASS path: CUDA bf16")
 @pytest.mark.parametrize("grouped_mm", [True, False])
-def test_grouped_mm_path_bf16_cuda(grouped_mm, monkeypatch):
-    """bf16 on the GPU (the production path, torch._grouped_mm for most GEMMs, or all Triton) against the
-    float64 reference: 1e-2 relative (Frobenius), zero-token experts and a single hot expert with uneven,
-    unaligned group sizes, Triton-written buffers poisoned; empty experts get exactly zero gradients."""
-    monkeypatch.setattr(moe, "USE_GROUPED_MM", grouped_mm)
+@pytest.mark.parametrize("autotune", [True, False])
+def test_grouped_mm_path_bf16_cuda(grouped_mm, autotune):
+    """bf16 on the GPU (the production path, torch._grouped_mm for most GEMMs, or all Triton; tuned or fixed
+    tiles) against the float64 reference: 1e-2 relative (Frobenius), zero-token experts and a single hot
+    expert with uneven, unaligned group sizes, Triton-written buffers poisoned; empty experts get exactly
+    zero gradients."""
+    opts = KernelConfig(moe_grouped_mm=grouped_mm, moe_autotune=autotune)
     empty = (1, 6, 11)
     inputs = _case(384, 4, 16, 256, 128, seed=11, empty=empty, hot=3)
     bf = [t.to(torch.bfloat16).double() if t.is_floating_point() else t for t in inputs]
     want = _fwd_bwd(ref.moe_experts, *bf, torch.float64, "cpu")  # same bf16-rounded inputs
-    with moe.poison_outputs():
-        got = _fwd_bwd(moe.moe_experts, *inputs, torch.bfloat16, DEVICE)
+    with moe.poison_outputs(), _AtenOps() as ops:
+        got = _fwd_bwd(_experts(opts), *inputs, torch.bfloat16, DEVICE)
+    assert ("_grouped_mm" in ops.names) == grouped_mm
     for name, g, w in zip(NAMES, got, want):
         assert g.shape == w.shape, name
         err = float((g.double().cpu() - w).norm() / w.norm())

@@ -1,7 +1,7 @@
 """MoE experts benchmark (issue 6): per-expert loop vs torch._grouped_mm vs the fused Triton kernels.
 
     python -m sail_dist.bench.moe [--shapes a3b_8k,a3b_16k,few_8k] [--impls loop,grouped_mm,triton]
-                                  [--no-breakdown] [--json PATH]
+                                  [--kernels moe_grouped_mm=false,...] [--no-breakdown] [--json PATH]
 
 Needs a CUDA GPU. For each shape: forward and forward+backward time (median, triton.testing.do_bench)
 and TFLOP/s (forward = 2*T*K*H*3F; forward+backward counted as 3x that), the correctness of each fast
@@ -12,17 +12,23 @@ two plain bf16 matmul ceilings (an 8192^3 matmul, and dense matmuls doing the la
 aggregate shape: "the ceiling on that shape"), and `grouped_mm_bare` (torch._grouped_mm's two GEMMs + SwiGLU
 alone on rows already sorted by expert: the bar "ours >= 1.0x grouped_mm"), all measured in the same run;
 ours and grouped_mm_bare are timed against each other in --rounds paired rounds (each round runs both once,
-so clock drift hits both alike) and those medians are their reported times. A table, then one JSON line.
+so clock drift hits both alike) and those medians are their reported times. `--kernels` sets ours' switches
+(`backend.kernels`, docs/gpu.md); the breakdown also times the path each switch turned off takes for the same
+stage. A table, then one JSON line.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import math
 import statistics
 import time
 
 import torch
+
+from sail_dist.config import KernelConfig
 
 SHAPES = {
     # name: (T, H, F, E, K)
@@ -123,48 +129,49 @@ def _check(fn, inputs, ref_outs, poison) -> dict:
     return errs
 
 
-def _breakdown(x, idx, w, wgu, wd, dy) -> dict:
-    """Time each stage of ours on its own (ms, TFLOP/s) with the routing precomputed."""
+def _breakdown(x, idx, w, wgu, wd, dy, opts: KernelConfig) -> dict:
+    """Time each stage of ours on its own (ms, TFLOP/s) with the routing precomputed; the indented rows time
+    the same stage on the path a switch turned off takes."""
     from sail_dist.kernels.triton import moe as tmoe
 
     T, K = idx.shape
     E, H, F2 = wgu.shape
     F, M = F2 // 2, T * K
-    r, scale, _ = tmoe.route_weights(idx, w, E)
+    torch_route = dataclasses.replace(opts, moe_fused_route=False)
+    index_select = dataclasses.replace(opts, moe_gather_kernel=False)
+    triton_gemms = dataclasses.replace(opts, moe_grouped_mm=False)
+    r, scale, _ = tmoe.route_weights(idx, w, E, opts)
     tok = r.tok_M
-    h, act = tmoe.gate_up_fwd(x, wgu, r)
+    h, act = tmoe.gate_up_fwd(x, wgu, r, opts)
     dy_MH = dy.index_select(0, tok)
-    dh, act_s, _ = tmoe.down_dgrad_split(dy, wd, h, scale, r, dy_MH)
+    dh, act_s, _ = tmoe.down_dgrad(dy, wd, h, scale, r, opts, dy_MH)
     x_MH = x.index_select(0, tok)
     stages = {
-        "route": (lambda: tmoe.route_weights(idx, w, E), 0),
-        "  route: torch ops": (lambda: tmoe.route_weights_torch(idx, w, E), 0),
-        "fwd_gate_up_swiglu": (lambda: tmoe.gate_up_fwd(x, wgu, r), 2 * M * H * F2),
-        "fwd_down+combine": (lambda: tmoe.down_fwd(act, wd, r, scale, w, T, K), 2 * M * F * H),
-        "bwd_gather_dy": (lambda: tmoe.gather_rows(dy, tok), 0),
-        "  gather: index_select": (lambda: dy.index_select(0, tok), 0),
-        "bwd_down_dgrad_fused": (lambda: tmoe.down_dgrad_fused(dy, wd, h, scale, r), 2 * M * H * F),
-        "bwd_down_dgrad_split": (lambda: tmoe.down_dgrad_split(dy, wd, h, scale, r, dy_MH), 2 * M * H * F),
-        "  split: gemm only": (lambda: torch._grouped_mm(dy_MH, wd.transpose(1, 2), offs=r.offsets_E1[1:]),
+        "route": (lambda: tmoe.route_weights(idx, w, E, opts), 0),
+        "  route: torch ops": (lambda: tmoe.route_weights(idx, w, E, torch_route), 0),
+        "fwd_gate_up_swiglu": (lambda: tmoe.gate_up_fwd(x, wgu, r, opts), 2 * M * H * F2),
+        "fwd_down+combine": (lambda: tmoe.down_fwd(act, wd, r, scale, w, T, K, opts), 2 * M * F * H),
+        "bwd_gather_dy": (lambda: tmoe.gather_rows(dy, tok, opts), 0),
+        "  gather: index_select": (lambda: tmoe.gather_rows(dy, tok, index_select), 0),
+        "bwd_down_dgrad": (lambda: tmoe.down_dgrad(dy, wd, h, scale, r, opts, dy_MH), 2 * M * H * F),
+        "  dgrad: gemm only": (lambda: torch._grouped_mm(dy_MH, wd.transpose(1, 2), offs=r.offsets_E1[1:]),
                                2 * M * H * F),
-        "bwd_gate_up_dgrad+combine": (lambda: tmoe.gate_up_dgrad(dh, wgu, r, T, K), 2 * M * F2 * H),
-        "bwd_gather_x": (lambda: tmoe.gather_rows(x, tok), 0),
-        "bwd_wgrad_gate_up": (lambda: tmoe.wgrad(x_MH, dh, r, wgu.dtype), 2 * M * H * F2),
-        "bwd_wgrad_down": (lambda: tmoe.wgrad(act_s, dy_MH, r, wd.dtype), 2 * M * F * H),
+        "bwd_gate_up_dgrad+combine": (lambda: tmoe.gate_up_dgrad(dh, wgu, r, T, K, opts), 2 * M * F2 * H),
+        "bwd_gather_x": (lambda: tmoe.gather_rows(x, tok, opts), 0),
+        "bwd_wgrad_gate_up": (lambda: tmoe.wgrad(x_MH, dh, r, wgu.dtype, opts), 2 * M * H * F2),
+        "bwd_wgrad_down": (lambda: tmoe.wgrad(act_s, dy_MH, r, wd.dtype, opts), 2 * M * F * H),
         # Our Triton kernels for the GEMMs that go to torch._grouped_mm (for comparison; gathers included).
-        "  triton fwd_down+combine": (lambda: tmoe.combine(tmoe.grouped_gemm(act, wd, r, M, scale_M=scale,
-                                                                             scatter_out=True), T, K), 2 * M * F * H),
-        "  triton gate_up_dgrad+comb": (lambda: tmoe.combine(tmoe.grouped_gemm(dh, wgu, r, M, transpose_w=True,
-                                                                               scatter_out=True), T, K),
-                                        2 * M * F2 * H),
-        "  triton wgrad_gate_up": (lambda: tmoe.grouped_wgrad(x, dh, r, wgu.dtype, a_idx=tok), 2 * M * H * F2),
-        "  triton wgrad_down": (lambda: tmoe.grouped_wgrad(act_s, dy, r, wd.dtype, b_idx=tok), 2 * M * F * H),
+        "  triton fwd_down+combine": (lambda: tmoe.down_fwd(act, wd, r, scale, w, T, K, triton_gemms),
+                                      2 * M * F * H),
+        "  triton gate_up_dgrad+comb": (lambda: tmoe.gate_up_dgrad(dh, wgu, r, T, K, triton_gemms), 2 * M * F2 * H),
+        "  triton wgrad_gate_up": (lambda: tmoe.wgrad(x, dh, r, wgu.dtype, triton_gemms, a_rows=tok),
+                                   2 * M * H * F2),
+        "  triton wgrad_down": (lambda: tmoe.wgrad(act_s, dy, r, wd.dtype, triton_gemms, b_rows=tok), 2 * M * F * H),
     }
     out = {}
     for name, (fn, flops) in stages.items():
         ms = _bench(fn)
         out[name] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1) if flops else None}
-    out["dgrad_mode_chosen"] = tmoe.dgrad_mode(dy, wd, h, scale, r)
     # The same GEMM through torch._grouped_mm (no gather, no epilogue), for comparison.
     offs = r.offsets_E1[1:].contiguous()
     ms = _bench(lambda: torch._grouped_mm(x_MH, wgu, offs=offs))
@@ -172,8 +179,7 @@ def _breakdown(x, idx, w, wgu, wd, dy) -> dict:
     return out
 
 
-_KERNELS = ("_gate_up_swiglu_fwd_kernel", "_grouped_gemm_kernel", "_down_dgrad_swiglu_bwd_kernel",
-            "_grouped_wgrad_kernel")
+_KERNELS = ("_gate_up_swiglu_fwd_kernel", "_grouped_gemm_kernel", "_grouped_wgrad_kernel")
 
 
 def _record_autotuning(log: list) -> None:
@@ -181,7 +187,7 @@ def _record_autotuning(log: list) -> None:
     from sail_dist.kernels.triton import moe as tmoe
 
     for name in _KERNELS:
-        tuner = getattr(tmoe, name)
+        tuner = getattr(tmoe, name).autotuned
         bench = getattr(tuner, "_bench", None)
         if bench is None:
             continue
@@ -199,7 +205,7 @@ def _best_configs() -> dict:
 
     out = {}
     for name in _KERNELS:
-        cache = getattr(getattr(tmoe, name), "cache", {})
+        cache = getattr(getattr(tmoe, name).autotuned, "cache", {})
         out[name] = {str(key): str(cfg) for key, cfg in cache.items()}
     return out
 
@@ -315,10 +321,24 @@ def _time_against_bar(ours_fn, inputs, rounds: int) -> dict:
     return out
 
 
+def _kernel_options(spec: str) -> KernelConfig:
+    """"moe_grouped_mm=false,moe_fused_route=false" -> KernelConfig (unnamed switches keep their defaults)."""
+    names = [f.name for f in dataclasses.fields(KernelConfig)]
+    values = {}
+    for item in filter(None, spec.split(",")):
+        name, _, value = item.partition("=")
+        if name not in names or value not in ("true", "false"):
+            raise argparse.ArgumentTypeError(f"{item!r}: expected NAME=true|false, NAME one of {', '.join(names)}")
+        values[name] = value == "true"
+    return KernelConfig(**values)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="a3b_8k,a3b_16k,few_8k")
     p.add_argument("--impls", default="loop,grouped_mm,grouped_mm_cm,triton")
+    p.add_argument("--kernels", default="", type=_kernel_options,
+                   help="ours' switches as NAME=true|false[,...] (backend.kernels, docs/gpu.md)")
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--rounds", type=int, default=100,
@@ -342,14 +362,16 @@ def main(argv=None) -> dict:
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
     impls = {"loop": gpu.moe_experts_loop, "grouped_mm": gpu.moe_experts_grouped_mm,
-             "grouped_mm_cm": gpu.moe_experts_grouped_mm, "triton": gpu.moe_experts_triton}
+             "grouped_mm_cm": gpu.moe_experts_grouped_mm,
+             "triton": functools.partial(gpu.moe_experts_triton, opts=args.kernels)}
     impls = {k: impls[k] for k in args.impls.split(",")}
     tune_log: list = []
     if "triton" in impls:
         _record_autotuning(tune_log)
     dev = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run, TRITON_INTERPRET=1)"
     result = {"bench": "moe_experts", "device": dev, "torch": torch.__version__,
-              "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"), "shapes": {}}
+              "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"),
+              "kernels": dataclasses.asdict(args.kernels), "shapes": {}}
     t0 = time.time()
     ceiling = matmul_ceiling()
     result["matmul_bf16_8192_tflops"] = round(ceiling, 1)
@@ -375,7 +397,7 @@ def main(argv=None) -> dict:
             res["impls"][name] = r
             print(f"[moe bench] {shape} {name}: {r}  ({time.time() - t0:.0f}s)", flush=True)
         if "triton" in impls and not args.no_breakdown:
-            res["triton_breakdown"] = _breakdown(*inputs)
+            res["triton_breakdown"] = _breakdown(*inputs, args.kernels)
         # Headline times of ours and the bar: paired rounds (also under --cpu-smoke, to exercise the code;
         # its timings mean nothing there). Ours' do_bench times stay beside them.
         ours = res["impls"].get("triton", {})
@@ -425,9 +447,6 @@ def main(argv=None) -> dict:
             if k in res:
                 print(f"{'':8} {k}: {res[k]}")
         for k, v in res.get("triton_breakdown", {}).items():
-            if not isinstance(v, dict):
-                print(f"{'':8}   {k:26} {v}")
-                continue
             rate = "" if v["tflops"] is None else f"{v['tflops']:6.0f} TFLOP/s"
             print(f"{'':8}   {k:26} {v['ms']:8.3f} ms {rate}")
     if args.autotune_log:

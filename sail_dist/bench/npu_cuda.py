@@ -75,6 +75,7 @@ def run(out: str, layout: str, size_name: str, steps: int, n_global: int, npu_op
 
     from sail_dist.backends.base import get_backend
     from sail_dist.config import load_config
+    from sail_dist.train.lr import lr_at
 
     size = SIZES[size_name]
     cuda = torch.cuda.is_available()
@@ -101,7 +102,7 @@ def run(out: str, layout: str, size_name: str, steps: int, n_global: int, npu_op
                 torch.cuda.synchronize()
             dist.barrier()
             t0 = time.perf_counter()
-            s = engine.train_step(mine, step)
+            s = engine.train_step(mine, lr_at(cfg.train, step))
             if cuda:
                 torch.cuda.synchronize()
             dist.barrier()

@@ -31,6 +31,7 @@ def run(out: str, config: str, overrides: list[str]) -> None:
     from sail_dist.backends.base import get_backend
     from sail_dist.config import load_config
     from sail_dist.data.loader import build_loader
+    from sail_dist.train.lr import lr_at
 
     cfg = load_config(config, overrides)
     backend = get_backend(cfg.backend.name)
@@ -42,7 +43,7 @@ def run(out: str, config: str, overrides: list[str]) -> None:
         for step in range(cfg.train.steps):
             data = next(loader)
             engine.track_layer_grad_norms = step == 0
-            s = engine.train_step(data.micro_batches, step)
+            s = engine.train_step(data.micro_batches, lr_at(cfg.train, step))
             if step == 0:
                 norms = engine.layer_grad_norms()
             steps.append({"loss": s.loss, "grad_norm": s.grad_norm, "aux_loss": s.aux_loss, "skipped": s.skipped})

@@ -24,6 +24,7 @@ from sail_dist.backends.base import get_backend
 from sail_dist.config import load_config
 from sail_dist.data.synthetic import synthetic_batch
 from sail_dist.model.flops import batch_flops, param_counts
+from sail_dist.train.lr import lr_at
 from sail_dist.train.metrics import peak_flops
 
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
             prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True)
             prof.__enter__()
         t0 = time.perf_counter()
-        stats = engine.train_step(mbs, step)
+        stats = engine.train_step(mbs, lr_at(cfg.train, step))
         if prof is not None:
             prof.__exit__(None, None, None)
             if env.is_main:

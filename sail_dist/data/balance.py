@@ -1,7 +1,8 @@
 """Step scheduler: spread one optimizer step's packs over DP ranks x micro-batches with equal compute.
 
 Every DP rank runs `micro_batches` packs per step and waits for the slowest rank at the gradient
-reduction, so the step takes as long as the most loaded rank. Loads are compared under a `CostModel`:
+reduction, so the step takes as long as the most loaded rank. Loads are compared under a `CostModel`
+(`cost_model_from_config`: model/flops.py's training FLOPs, exactly):
   LLM  a * tokens + b * sum(len^2)              (linear layers; causal attention per sample)
   ViT  c * patches + d * sum(patches_per_image^2)  (linear layers; full attention per tile / image)
 and balanced in both dimensions at once ("visual packing": the ViT runs on the same rank, or on the
@@ -24,10 +25,12 @@ Algorithm (deterministic, a few ms for 256 packs):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from sail_dist.config import ModelConfig
+from sail_dist.model.flops import sample_flops
 
 
 @dataclass(frozen=True)
@@ -47,24 +50,21 @@ class CostModel:
 
 
 def cost_model_from_config(model: ModelConfig) -> CostModel:
-    """Approximate training FLOPs (forward + backward = 3 x forward, 2 FLOPs per multiply-add) from shapes.
+    """Training FLOPs with every part trainable: model/flops.py's count in the scheduler's linear form.
 
-    Kept small and isolated on purpose: model/flops.py holds the exact count and will replace this body.
+    flops.py counts a sample of n tokens as a*n + b*n^2 in the LLM (causal attention: n(n+1)/2 pairs) and a
+    ViT input of p patches as c*p + d*p^2 in the ViT + adapter (full attention), so two evaluations of each
+    give the coefficients exactly; loads then cost two multiply-adds per sample instead of a model walk.
     """
-    llm, vit = model.llm, model.vit
-    q, kv, h = llm.num_heads * llm.head_dim, llm.num_kv_heads * llm.head_dim, llm.hidden_size
-    dense_mlp = 3 * h * llm.ffn_size
-    moe_mlp = 3 * h * llm.moe_ffn_size * llm.top_k + h * llm.num_experts
-    layers = sum(h * (2 * q + 2 * kv) + (moe_mlp if llm.is_moe_layer(i) else dense_mlp) for i in range(llm.num_layers))
-    llm_token = 6.0 * (layers + h * llm.vocab_size)
-    llm_attn = 6.0 * q * llm.num_layers  # QK^T + AV: 2q MACs per pair, len^2/2 causal pairs
-    vh = vit.hidden_size
-    merge2 = model.adapter.downsample ** 2
-    ad_h = model.adapter.hidden_size or h
-    adapter = (merge2 * vh * ad_h + ad_h * h) / merge2  # per patch (the adapter runs on merged tokens)
-    vit_patch = 6.0 * (vit.num_layers * (4 * vh * vh + 3 * vh * vit.ffn_size) + 3 * vit.patch_size ** 2 * vh + adapter)
-    vit_attn = 12.0 * vh * vit.num_layers  # full attention: 2 * vh MACs per (query, key) pair
+    llm_token, llm_attn = _quadratic(lambda n: sample_flops(model, n).train)
+    vit_patch, vit_attn = _quadratic(lambda p: sample_flops(model, 0, [p]).train)
     return CostModel(llm_token, llm_attn, vit_patch, vit_attn)
+
+
+def _quadratic(f: Callable[[int], float]) -> tuple[float, float]:
+    """(a, b) of f(x) = a*x + b*x^2, from f(1) and f(2)."""
+    f1, f2 = f(1), f(2)
+    return 2 * f1 - f2 / 2, f2 / 2 - f1
 
 
 @dataclass

@@ -11,6 +11,9 @@ Vision convention: images are given as flattened patches. Image i is a grid of `
 patches (rows, cols), its patches row-major in `pixel_values`; a fixed-resolution 448 tile is the
 32 x 32 grid. After the 2 x 2 pixel-shuffle image i yields (rows/2)*(cols/2) vision tokens, which
 replace the `<IMG_CONTEXT>` tokens of `input_ids` in order (image 0 first).
+
+Objective inputs: `extras` carries whatever an objective needs beyond the labels, per token ([T, ...]) or per
+sequence ([S, ...]): old log-probs, advantages, target masks. Engines move it with the batch and never read it.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ class PackedBatch:
     pixel_values: torch.Tensor | None = None  # [P, C*patch*patch] float, channel-major patches
     image_grid_hw: torch.Tensor | None = None  # [n_images, 2] int64, patch rows and cols per image
     sample_ids: list = field(default_factory=list)  # one id per packed sample, in stream order
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # objective inputs, [T, ...] or [S, ...]
 
     @property
     def num_tokens(self) -> int:
@@ -55,8 +59,11 @@ class PackedBatch:
     def pin_memory(self) -> "PackedBatch":
         """Page-locked copies of the host tensors, so that `.to(cuda)` neither blocks the host nor waits for
         the device's queue to drain (a pageable host-to-device copy does both)."""
-        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor) and getattr(self, f.name).device.type == "cpu"})
+        def pin(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory() if t.device.type == "cpu" else t
+
+        out = {f.name: pin(getattr(self, f.name)) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **out, extras={k: pin(v) for k, v in self.extras.items()})
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PackedBatch":
         """Move tensors to `device`; `dtype` applies to pixel_values only."""
@@ -68,6 +75,7 @@ class PackedBatch:
                 if f.name == "pixel_values" and dtype is not None:
                     v = v.to(dtype)
             out[f.name] = v
+        out["extras"] = {k: v.to(device, non_blocking=True) for k, v in self.extras.items()}
         return replace(self, **out)
 
     def validate(self, downsample: int = 2, img_context_id: int | None = None) -> None:
@@ -89,6 +97,11 @@ class PackedBatch:
             raise ValueError("PackedBatch.position_ids must restart at 0 for every sample")
         if bool((self.labels[cu[1:].long() - 1] != -100).any()):
             raise ValueError("PackedBatch.labels must be -100 at the last token of each sample (no cross-sample target)")
+        for k, v in self.extras.items():
+            if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] not in (T, len(lens)):
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"PackedBatch.extras[{k!r}] is {got}: expected a tensor per token [{T}, ...] or per "
+                                 f"sequence [{len(lens)}, ...]")
         if len(self.sample_ids) not in (0, len(lens)):
             raise ValueError(f"PackedBatch.sample_ids has {len(self.sample_ids)} ids for {len(lens)} samples")
         if img_context_id is not None:

@@ -38,7 +38,7 @@ STATE_VERSION = 1
 
 
 @dataclass
-class StepStats:
+class DataStepStats:
     """What happened in one optimizer step; planning figures are global (identical on all ranks)."""
 
     step: int  # index of this optimizer step (0-based)
@@ -65,12 +65,12 @@ class StepStats:
 @dataclass
 class DataStep:
     micro_batches: list[PackedBatch]
-    stats: StepStats
+    stats: DataStepStats
 
 
 @dataclass
 class _Plan:
-    stats: StepStats
+    stats: DataStepStats
     own: list[list[SampleMeta]]  # this rank's micro-batches
     state_after: dict
     error: BaseException | None = None
@@ -87,7 +87,7 @@ def data_sources(cfg: Config) -> list[DataSource]:
 
 
 class StepLoader:
-    """Iterate `DataStep`s: `for step in loader: engine.train_step(step.micro_batches)`. Infinite (epochs
+    """Iterate `DataStep`s: `for step in loader: engine.train_step(step.micro_batches, lr)`. Infinite (epochs
     roll over with a new seeded order); call `close()` (or use it as a context manager) to stop workers."""
 
     def __init__(self, cfg: Config, dp_rank: int = 0, dp_size: int = 1, micro_batches: int | None = None,
@@ -170,7 +170,7 @@ class StepLoader:
         all_mbs = [mb for r in sched.ranks for mb in r]
         tokens = sum(sched.tokens)
         capacity = sum(max(B, sum(costs[i].n_tokens for i in mb)) for mb in all_mbs)
-        stats = StepStats(
+        stats = DataStepStats(
             step=self._step, epoch=self.mix.epoch, samples=sum(len(mb) for mb in all_mbs), tokens=tokens,
             vision_tokens=sum(sched.vision_tokens), utilisation=tokens / capacity,
             llm_imbalance=sched.llm_imbalance, vision_imbalance=imbalance(sched.vision_tokens),

@@ -1,4 +1,8 @@
-"""Exact matmul FLOPs of one sample: forward and training (forward + backward).
+"""Exact matmul FLOPs of the model, forward and training (forward + backward), whole or by part.
+
+The trainer's one cost model: MFU (`batch_flops`), the data scheduler's per-sample cost (data/balance.py),
+the pipeline split (parallel/pipeline.py) and each pipeline rank's FLOPs (`batch_flops_by_part`) all read it
+from here, so they cannot disagree.
 
 Counts 2*m*n*k for every matrix product the model performs (the convention of torch.utils.flop_counter);
 norms, activations, embeddings lookups and softmax are not counted. Backward per group: weight
@@ -11,9 +15,14 @@ useful work, used for MFU and balancing); `causal_half=False` counts the full n^
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from sail_dist.config import LLMConfig, ModelConfig, ViTConfig
+
+if TYPE_CHECKING:
+    from sail_dist.data.batch import PackedBatch
+
+ALL_MODULES = ("vit", "adapter", "llm")
 
 
 @dataclass
@@ -23,6 +32,35 @@ class Flops:
 
     def __add__(self, other: "Flops") -> "Flops":
         return Flops(self.forward + other.forward, self.train + other.train)
+
+
+@dataclass(frozen=True)
+class PartFlops:
+    """One kind of FLOPs (forward, or training) by the parts a pipeline stage can hold."""
+
+    vision: float  # ViT + adapter (first stage)
+    layers: tuple[float, ...]  # LLM decoder layer i: projections, attention, MLP (MoE: router + top-k experts)
+    head: float  # lm head (last stage)
+
+    @property
+    def total(self) -> float:
+        return self.vision + sum(self.layers) + self.head
+
+    def select(self, layers: Iterable[int] = (), vision: bool = False, head: bool = False) -> float:
+        """The FLOPs of the parts one pipeline stage (or rank) holds."""
+        return sum(self.layers[i] for i in layers) + (self.vision if vision else 0.0) + (self.head if head else 0.0)
+
+
+@dataclass(frozen=True)
+class FlopsByPart:
+    """Forward and training FLOPs by part: what `flops_by_part` and `batch_flops_by_part` return."""
+
+    forward: PartFlops
+    train: PartFlops  # forward + backward
+
+    @property
+    def total(self) -> Flops:
+        return Flops(self.forward.total, self.train.total)
 
 
 def _group(linear: float, attn: float, trains: bool, grad_input: bool, first_input_grad: float = 0.0) -> Flops:
@@ -54,43 +92,69 @@ def adapter_linear(cfg: ModelConfig, patches: int) -> float:
     return 2.0 * n * merged * hidden + 2.0 * n * hidden * cfg.llm.hidden_size
 
 
-def llm_linear_per_token(cfg: LLMConfig, active: bool = True) -> float:
-    """Weight-matmul FLOPs per token over all layers plus the lm head (MoE: the top-k active experts)."""
+def llm_layer_linear_per_token(cfg: LLMConfig, i: int) -> float:
+    """Weight-matmul FLOPs per token of decoder layer i (MoE: the router and the top-k active experts)."""
     D, hd = cfg.hidden_size, cfg.head_dim
     attn_proj = 2.0 * D * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + 2.0 * cfg.num_heads * hd * D
-    total = 0.0
-    for i in range(cfg.num_layers):
-        if cfg.is_moe_layer(i):
-            experts = cfg.top_k if active else cfg.num_experts
-            mlp = 2.0 * D * cfg.num_experts + experts * 6.0 * D * cfg.moe_ffn_size
-        else:
-            mlp = 6.0 * D * cfg.ffn_size
-        total += attn_proj + mlp
-    return total + 2.0 * D * cfg.vocab_size
+    if cfg.is_moe_layer(i):
+        return attn_proj + 2.0 * D * cfg.num_experts + cfg.top_k * 6.0 * D * cfg.moe_ffn_size
+    return attn_proj + 6.0 * D * cfg.ffn_size
 
 
-def llm_attention(cfg: LLMConfig, seqlen: int, causal_half: bool = True) -> float:
+def llm_layer_attention(cfg: LLMConfig, seqlen: int, causal_half: bool = True) -> float:
+    """Score and value matmul FLOPs of one decoder layer over one sample of `seqlen` tokens."""
     pairs = seqlen * (seqlen + 1) / 2 if causal_half else float(seqlen) ** 2
-    return cfg.num_layers * 2 * 2.0 * cfg.num_heads * cfg.head_dim * pairs
+    return 2 * 2.0 * cfg.num_heads * cfg.head_dim * pairs
 
 
-def sample_flops(cfg: ModelConfig, seqlen: int, image_patches: Iterable[int] = (),
-                 trainable: Iterable[str] = ("vit", "adapter", "llm"), causal_half: bool = True) -> Flops:
-    """FLOPs of one sample: `seqlen` LLM tokens and images of the given patch counts (e.g. 1024 per 448 tile)."""
+def flops_by_part(cfg: ModelConfig, seqlens: Iterable[int], image_patches: Iterable[int] = (),
+                  trainable: Iterable[str] = ALL_MODULES, causal_half: bool = True) -> FlopsByPart:
+    """FLOPs of one packed micro-batch by part: LLM samples of `seqlens` tokens (attention within each sample)
+    and ViT inputs (tiles or images) of `image_patches` patches each.
+
+    The freeze rules apply to the micro-batch as a whole: the LLM computes input gradients when it holds an
+    image and the ViT or adapter trains. Each part's count is that of its own matmuls, so the parts add up to
+    the whole model's."""
     trainable = set(trainable)
-    image_patches = list(image_patches)
-    total = Flops(0.0, 0.0)
+    seqlens, image_patches = list(seqlens), list(image_patches)
+    vision = Flops(0.0, 0.0)
     if image_patches:
         lin = attn = first = 0.0
         for p in image_patches:
             lp, ap, ep = vit_linear_attn(cfg.vit, p)
             lin, attn, first = lin + lp, attn + ap, first + ep
-        total += _group(lin, attn, "vit" in trainable, grad_input=False, first_input_grad=first)
-        total += _group(sum(adapter_linear(cfg, p) for p in image_patches), 0.0, "adapter" in trainable,
-                        grad_input="vit" in trainable)
-    total += _group(seqlen * llm_linear_per_token(cfg.llm), llm_attention(cfg.llm, seqlen, causal_half),
-                    "llm" in trainable, grad_input=bool(image_patches) and bool({"vit", "adapter"} & trainable))
-    return total
+        vision = _group(lin, attn, "vit" in trainable, grad_input=False, first_input_grad=first)
+        vision += _group(sum(adapter_linear(cfg, p) for p in image_patches), 0.0, "adapter" in trainable,
+                         grad_input="vit" in trainable)
+    llm = cfg.llm
+    tokens = sum(seqlens)
+    attn = sum(llm_layer_attention(llm, n, causal_half) for n in seqlens)
+    trains = "llm" in trainable
+    grad_input = bool(image_patches) and bool({"vit", "adapter"} & trainable)
+    layers = [_group(tokens * llm_layer_linear_per_token(llm, i), attn, trains, grad_input)
+              for i in range(llm.num_layers)]
+    head = _group(tokens * 2.0 * llm.hidden_size * llm.vocab_size, 0.0, trains, grad_input)
+    return FlopsByPart(forward=PartFlops(vision.forward, tuple(f.forward for f in layers), head.forward),
+                       train=PartFlops(vision.train, tuple(f.train for f in layers), head.train))
+
+
+def batch_flops_by_part(cfg: ModelConfig, batch: PackedBatch, trainable: Iterable[str] = ALL_MODULES,
+                        causal_half: bool = True) -> FlopsByPart:
+    """FLOPs of one PackedBatch by part: what each pipeline stage performs for it (`.train.select(...)`)."""
+    patches = (batch.image_grid_hw[:, 0] * batch.image_grid_hw[:, 1]).tolist() if batch.num_images else []
+    return flops_by_part(cfg, batch.seqlens(), patches, trainable, causal_half)
+
+
+def batch_flops(cfg: ModelConfig, batch: PackedBatch, trainable: Iterable[str] = ALL_MODULES,
+                causal_half: bool = True) -> Flops:
+    """FLOPs of one PackedBatch: the LLM per sample (attention by length), the vision side per image grid."""
+    return batch_flops_by_part(cfg, batch, trainable, causal_half).total
+
+
+def sample_flops(cfg: ModelConfig, seqlen: int, image_patches: Iterable[int] = (),
+                 trainable: Iterable[str] = ALL_MODULES, causal_half: bool = True) -> Flops:
+    """FLOPs of one sample: `seqlen` LLM tokens and images of the given patch counts (e.g. 1024 per 448 tile)."""
+    return flops_by_part(cfg, [seqlen], image_patches, trainable, causal_half).total
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, float]:
@@ -121,17 +185,3 @@ def param_counts(cfg: ModelConfig) -> dict[str, float]:
     active += emb + head + l.hidden_size
     return {"vit": float(vit), "adapter": float(adapter), "llm": llm, "llm_active": active,
             "total": vit + adapter + llm}
-
-
-
-def batch_flops(cfg: ModelConfig, batch, trainable: Iterable[str] = ("vit", "adapter", "llm"),
-                causal_half: bool = True) -> Flops:
-    """FLOPs of one PackedBatch: the LLM per sample (attention by length), the vision side per image grid."""
-    trainable = set(trainable)
-    patches = (batch.image_grid_hw[:, 0] * batch.image_grid_hw[:, 1]).tolist() if batch.num_images else []
-    total = sample_flops(cfg, 0, patches, trainable, causal_half) if patches else Flops(0.0, 0.0)
-    llm_grad_input = bool(patches) and bool({"vit", "adapter"} & trainable)
-    per_token = llm_linear_per_token(cfg.llm)
-    for n in batch.seqlens():
-        total += _group(n * per_token, llm_attention(cfg.llm, n, causal_half), "llm" in trainable, llm_grad_input)
-    return total

@@ -2,7 +2,7 @@
 statistics; the experts themselves are computed by the OpSet's `moe_experts`.
 
 Parallelism is applied from outside: an expert-parallel backend swaps `MoE.experts` for a module that
-dispatches tokens to the ranks holding their experts (parallel/expert.py) and back.
+dispatches tokens to the ranks holding their experts (sail_dist/parallel/expert.py) and back.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from sail_dist.backends.base import DistEnv, StepStats
+from sail_dist.backends.base import DistEnv, TrainStepStats
 
 log = logging.getLogger("sail_dist")
 
@@ -60,14 +60,14 @@ class Metrics:
             self.jsonl_path = os.path.join(out_dir, "metrics.jsonl")
             self.jsonl = open(self.jsonl_path, "a")
 
-    def _global(self, stats: StepStats) -> tuple[float, float, float]:
+    def _global(self, stats: TrainStepStats) -> tuple[float, float, float]:
         t = torch.tensor([stats.tokens, stats.samples, stats.flops], dtype=torch.float64)
         if dist.is_initialized() and self.env.world_size > 1:
             t = t.to(self.env.device) if self.env.device.type == "cuda" else t
             dist.all_reduce(t)
         return tuple(float(x) for x in t.cpu())
 
-    def log_step(self, step: int, stats: StepStats, data: dict, every: int = 1) -> dict:
+    def log_step(self, step: int, stats: TrainStepStats, data: dict, every: int = 1) -> dict:
         """Collective (sums tokens/FLOPs over ranks). `step` is 0-based; prints every `every` steps on rank 0."""
         tokens, samples, flops = self._global(stats)
         dt = max(stats.time_s, 1e-9)
@@ -79,6 +79,7 @@ class Metrics:
             rec["mfu"] = flops / dt / self.env.world_size / self.peak
         if stats.expert_counts is not None:
             rec["expert_load_entropy"] = expert_load_entropy(stats.expert_counts)
+        rec.update({f"objective_{k}": v for k, v in stats.metrics.items()})
         rec.update({f"data_{k}": v for k, v in data.items() if isinstance(v, (int, float)) and k != "step"})
         self.steps_timed += 1
         if not self.env.is_main:
@@ -95,6 +96,7 @@ class Metrics:
             parts = [f"step {step + 1}/{self.total}", f"loss {stats.loss:.4f}"]
             if stats.expert_counts is not None:
                 parts.append(f"aux {stats.aux_loss:.4f}")
+            parts += [f"{k} {v:.4g}" for k, v in stats.metrics.items()]
             parts += [f"lr {stats.lr:.2e}", f"gnorm {stats.grad_norm:.3f}", f"{rec['tokens_per_s'] / 1e3:.1f}k tok/s"]
             if "mfu" in rec:
                 parts.append(f"MFU {100 * rec['mfu']:.1f}%")

@@ -21,6 +21,7 @@ from sail_dist.backends.base import get_backend
 from sail_dist.config import Config, dump_config
 from sail_dist.data.loader import build_loader
 from sail_dist.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from sail_dist.train.lr import lr_at
 from sail_dist.train.metrics import Metrics
 
 log = logging.getLogger("sail_dist")
@@ -83,7 +84,7 @@ def _train(cfg: Config, backend, env) -> dict:
             log.warning("step %d: skipped bad samples %s (data.on_bad_sample=skip)", step + 1, data_stats["dropped"])
         if data_stats["decode_dropped"]:  # decode drops are this rank's own
             log.warning("step %d, rank %d: skipped samples at decode %s", step + 1, env.rank, data_stats["decode_dropped"])
-        stats = engine.train_step(data.micro_batches, step)
+        stats = engine.train_step(data.micro_batches, lr_at(t, step))
         if stats.skipped:
             nonfinite_run += 1
             skipped_total += 1

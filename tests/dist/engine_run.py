@@ -1,6 +1,8 @@
 """Run an engine on deterministic synthetic micro-batches and write per-step stats (run under torchrun).
 
     torchrun --nproc_per_node 2 tests/dist/engine_run.py OUT.json CONFIG.yaml [overrides...]
+
+Writes {"steps": [per-step stats], "layer_grad_norms": {name: norm at step 0} (with LAYER_NORMS=1)}.
 """
 from __future__ import annotations
 
@@ -10,20 +12,23 @@ import sys
 
 import torch
 
+from dist.toy_objective import add_toy_extras  # also registers train.objective=toy
 from sail_dist.config import Config, load_config
 from sail_dist.data.synthetic import synthetic_batch
+from sail_dist.train.lr import lr_at
 
 
 def step_batches(cfg: Config, step: int, dp_rank: int, dp_size: int) -> list:
     """The micro-batches of `dp_rank` at `step`: lengths and images differ per rank and micro-batch; steps alternate
-    between two sets of batches so that a few steps visibly fit them."""
+    between two sets of batches so that a few steps visibly fit them. Each carries the toy objective's extras
+    (the SFT objective ignores them)."""
     out = []
     g = cfg.model.vit.grid
     for m in range(cfg.train.micro_batches):
         k = ((step % 2) * dp_size + dp_rank) * cfg.train.micro_batches + m
         seqlens = [20 + 7 * (k % 5), 9 + (k % 3), 31]
         images = [[(g, g)] if k % 2 == 0 else [], [], [(g, g), (g, g + 2)] if k % 3 == 0 else []]
-        out.append(synthetic_batch(cfg.model, seqlens, images, seed=1000 + k))
+        out.append(add_toy_extras(synthetic_batch(cfg.model, seqlens, images, seed=1000 + k), seed=2000 + k))
     return out
 
 
@@ -35,13 +40,17 @@ def main() -> None:
     backend = get_backend(cfg.backend.name)
     env = backend.setup(cfg)
     engine = backend.build(cfg, env)
-    rows = []
+    rows, norms = [], {}
     for step in range(cfg.train.steps):
-        stats = engine.train_step(step_batches(cfg, step, env.dp_rank, env.dp_size), step)
-        rows.append({"loss": stats.loss, "grad_norm": stats.grad_norm, "aux": stats.aux_loss, "skipped": stats.skipped})
+        engine.track_layer_grad_norms = step == 0 and os.environ.get("LAYER_NORMS") == "1"
+        stats = engine.train_step(step_batches(cfg, step, env.dp_rank, env.dp_size), lr_at(cfg.train, step))
+        if engine.track_layer_grad_norms:
+            norms = engine.layer_grad_norms()
+        rows.append({"loss": stats.loss, "grad_norm": stats.grad_norm, "aux": stats.aux_loss, "skipped": stats.skipped,
+                     "metrics": stats.metrics})
     if env.rank == 0:
         with open(out_path, "w") as f:
-            json.dump(rows, f)
+            json.dump({"steps": rows, "layer_grad_norms": norms}, f)
     backend.teardown()
 
 

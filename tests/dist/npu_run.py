@@ -20,6 +20,7 @@ import torch
 
 from dist.engine_run import step_batches
 from sail_dist.config import load_config
+from sail_dist.train.lr import lr_at
 
 
 def main() -> None:
@@ -35,9 +36,12 @@ def main() -> None:
     def run(eng, steps) -> list[dict]:
         rows = []
         for step in steps:
-            s = eng.train_step(step_batches(cfg, step, env.dp_rank, env.dp_size), step)
+            s = eng.train_step(step_batches(cfg, step, env.dp_rank, env.dp_size), lr_at(cfg.train, step))
+            world_flops = torch.tensor([s.flops], dtype=torch.float64)
+            torch.distributed.all_reduce(world_flops)  # every rank counts its own part: the sum is the step's
             rows.append({"loss": s.loss, "grad_norm": s.grad_norm, "aux": s.aux_loss, "skipped": s.skipped,
-                         "tokens": s.tokens, "flops": s.flops,
+                         "metrics": s.metrics,
+                         "tokens": s.tokens, "flops": s.flops, "world_flops": float(world_flops),
                          "counts": s.expert_counts.sum().item() if s.expert_counts is not None else None})
         return rows
 
@@ -63,7 +67,7 @@ def main() -> None:
         result["with_bad_step"] = run(fresh, [0])
         bad = step_batches(cfg, 1, env.dp_rank, env.dp_size)
         bad[0].loss_weight[0] = float("nan")
-        s = fresh.train_step(bad, 1)
+        s = fresh.train_step(bad, lr_at(cfg.train, 1))
         result["bad"] = {"loss": s.loss, "grad_norm": s.grad_norm, "skipped": s.skipped}
         result["with_bad_step"] += run(fresh, [1])
     elif mode == "load":

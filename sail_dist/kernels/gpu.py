@@ -1,13 +1,15 @@
 """The GPU OpSet (NVIDIA): varlen flash attention, Triton fused MoE experts, vocab-chunked linear cross-entropy.
 
     get_opset("gpu", moe_impl="triton" | "grouped_mm" | "loop", attention_impl="auto" | "flash_attn" |
-              "torch_varlen" | "reference")
+              "torch_varlen" | "reference", kernels=KernelConfig(...))
+
+`kernels` (the config's `backend.kernels`, table in docs/gpu.md) selects the Triton experts' paths.
 
 Every op also accepts CPU tensors (tests, CPU CI): attention then runs the reference, and the Triton
 experts and the cross-entropy's Triton row kernels fall back to torch, unless the process runs Triton's
 interpreter (TRITON_INTERPRET=1 from before triton's import). The loop / grouped_mm experts are plain torch
 and run anywhere (torch._grouped_mm wants 16-byte-aligned rows). rms_norm / rope / swiglu are the eager
-reference versions: `train.compile=true` fuses them with their neighbours per block (parallel/compile.py),
+reference versions: `train.compile=true` fuses them with their neighbours per block (sail_dist/parallel/compile.py),
 which measured better than fusing each op alone could. Measured figures: BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -15,12 +17,13 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
 
 import torch
 
+from sail_dist.config import KernelConfig
 from sail_dist.kernels import reference as ref
 from sail_dist.kernels.opset import OpSet
+from sail_dist.kernels.triton import interpreting
 
 log = logging.getLogger(__name__)
 
@@ -169,20 +172,21 @@ def moe_experts_grouped_mm(x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_
     return _weighted_sum(y_pad.index_select(0, dest_M[inv_M]), topk_weight_TK, x_TH)
 
 
-def moe_experts_triton(x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH):
-    """Fused Triton experts (kernels/triton/moe.py) on CUDA, or on CPU when this process runs Triton's
-    interpreter; the reference otherwise."""
+def moe_experts_triton(x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH,
+                       opts: KernelConfig = KernelConfig()):
+    """Fused Triton experts (sail_dist/kernels/triton/moe.py) on the paths `opts` selects, on CUDA, or on CPU
+    when this process runs Triton's interpreter; the reference otherwise."""
     if not x_TH.is_cuda:
         mod = None
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        if interpreting():
             from sail_dist.kernels.triton import moe as mod
         if mod is None or not mod.INTERPRET:  # (kernels compiled for the GPU cannot take CPU tensors)
             _log_once("sail_dist gpu OpSet: moe_experts on CPU without the Triton interpreter -> reference")
             return ref.moe_experts(x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH)
-        return mod.moe_experts(x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH)
+        return mod.moe_experts(x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH, opts)
     from sail_dist.kernels.triton.moe import moe_experts
 
-    return moe_experts(x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH)
+    return moe_experts(x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH, opts)
 
 
 _MOE = {"triton": moe_experts_triton, "grouped_mm": moe_experts_grouped_mm, "loop": moe_experts_loop}
@@ -219,8 +223,7 @@ def _softmax_grad_torch(x_TC, labels_T, v0, lse_T, g_T):
 
 def _ce_row_ops(x: torch.Tensor):
     """The Triton row kernels on CUDA (or in Triton's interpreter, for tests), else the same math in torch."""
-    if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and (
-            x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+    if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and (x.is_cuda or interpreting()):
         try:
             from sail_dist.kernels.triton import cross_entropy as k
         except ImportError:  # no triton: the torch version below
@@ -282,10 +285,12 @@ def cross_entropy(h_TD: torch.Tensor, w_VD: torch.Tensor, labels_T: torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------------
-def opset(moe_impl: str = "triton", attention_impl: str = "auto") -> OpSet:
-    """The GPU OpSet; `moe_impl` picks the experts' implementation so the three compare end to end."""
+def opset(moe_impl: str = "triton", attention_impl: str = "auto", kernels: KernelConfig = KernelConfig()) -> OpSet:
+    """The GPU OpSet; `moe_impl` picks the experts' implementation so the three compare end to end, `kernels`
+    the Triton experts' paths."""
     if moe_impl not in _MOE:
         raise ValueError(f"moe_impl={moe_impl!r}; choose one of {MOE_IMPLS}")
     _log_once(f"sail_dist gpu OpSet: moe_experts = {moe_impl}")
+    experts = functools.partial(moe_experts_triton, opts=kernels) if moe_impl == "triton" else _MOE[moe_impl]
     return OpSet(f"gpu[{moe_impl}]", attention=make_attention(attention_impl), rms_norm=ref.rms_norm,
-                 rope=ref.rope, swiglu=ref.swiglu, moe_experts=_MOE[moe_impl], cross_entropy=cross_entropy)
+                 rope=ref.rope, swiglu=ref.swiglu, moe_experts=experts, cross_entropy=cross_entropy)

@@ -4,11 +4,11 @@ ZeRO-2 partitions optimizer state and gradients over the data-parallel ranks; `o
 keeps the partitions (and the Adam math, DeepSpeedCPUAdam) on the host. Parameters are bf16 on GPU
 with fp32 master weights in the optimizer, fp32 on CPU.
 
-Loss scaling, spelled out: DeepSpeed divides each micro-batch loss by the accumulation steps M and
-averages gradients over the DP ranks. Our micro-batch objective is already normalised over the whole
-step (train/loss.py), so we hand DeepSpeed `loss * M * dp` and its averaging restores the exact sum.
-The MoE aux-loss gradient is injected inside the model (model/moe.py) and sees only the DP average,
-hence its scale coeff / (n_moe_layers * M).
+Loss scaling, spelled out: the objective (sail_dist/objectives) returns each micro-batch's share of the
+step objective. DeepSpeed divides each micro-batch loss by the accumulation steps M and averages gradients
+over the DP ranks, so we hand it `share * M * dp` and its averaging restores the exact sum. The MoE aux-loss
+gradient is injected inside the model (model/moe.py), which DeepSpeed's 1/M does not reach and its DP mean
+does: hence the per-layer scale coeff / (n_moe_layers * M).
 """
 from __future__ import annotations
 
@@ -20,17 +20,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from sail_dist.backends.base import DistEnv, StepStats, all_reduce_sum, model_dtype
+from sail_dist.backends.base import DistEnv, TrainStepStats, all_reduce_sum, check_micro_batches, model_dtype
 from sail_dist.config import Config
 from sail_dist.data.batch import PackedBatch
 from sail_dist.kernels import opset_for_backend
-from sail_dist.model.build import build_model
 from sail_dist.model.flops import batch_flops
-from sail_dist.parallel.checkpointing import apply_activation_checkpointing
-from sail_dist.parallel.compile import apply_compile
-from sail_dist.train.freeze import apply_freeze
-from sail_dist.train.loss import global_weight_sum, micro_batch_loss
-from sail_dist.train.lr import lr_at
+from sail_dist.objectives import build_objective
+from sail_dist.parallel.recipe import build_train_model
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +55,12 @@ class DeepSpeedEngine:
         self.cfg, self.env = cfg, env
         t = cfg.train
         self.ops = resolve_opset(cfg, env.device)
-        self.model = build_model(cfg.model, self.ops, seed=t.seed, init_from=t.init_from)
-        self.trainable = apply_freeze(self.model, t.train_modules)
-        if t.compile:
-            apply_compile(self.model)  # before checkpointing: the checkpoint then wraps the compiled forward
-        apply_activation_checkpointing(self.model, t.activation_checkpointing.vit, t.activation_checkpointing.llm)
+        self.model, self.trainable = build_train_model(
+            cfg, self.ops, aux_grad_scale=lambda n_moe: cfg.model.llm.aux_loss_coeff / (n_moe * t.micro_batches),
+            reduce_counts=all_reduce_sum() if env.dp_size > 1 else None)
+        self.objective = build_objective(t.objective)
         self.dtype = model_dtype(cfg, env.device)
         self.model.to(env.device)
-        moe = self.model.moe_layers()
-        for m in moe:
-            m.aux_grad_scale = cfg.model.llm.aux_loss_coeff / (len(moe) * t.micro_batches)
-            if env.dp_size > 1:
-                m.reduce_counts = all_reduce_sum()
         self.ds_config = self._ds_config()
         groups = param_groups(self.model, t.weight_decay)
         if cfg.backend.offload_optimizer == "cpu":
@@ -114,30 +104,32 @@ class DeepSpeedEngine:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
-    def train_step(self, micro_batches: list[PackedBatch], step: int) -> StepStats:
-        M = self.cfg.train.micro_batches
-        if len(micro_batches) != M:
-            raise ValueError(f"got {len(micro_batches)} micro-batches for a step configured with train.micro_batches={M}")
+    def train_step(self, micro_batches: list[PackedBatch], lr: float) -> TrainStepStats:
+        M = check_micro_batches(micro_batches, self.cfg.train.micro_batches)
         t0 = time.perf_counter()
-        lr = lr_at(self.cfg.train, step)
         self._set_lr(lr)
         self.ds.train()
-        W = global_weight_sum(micro_batches, device=self.env.device if self.env.device.type == "cuda" else None)
+        cuda = self.env.device.type == "cuda"
+        obj = self.objective
+        obj.begin_step(micro_batches, all_reduce_sum(device=self.env.device if cuda else None))
         scale = M * self.env.dp_size
-        sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # [lm loss, aux loss / M]
+        # [objective, aux loss / M, objective metrics...]: shares summed here and over DP below
+        sums = torch.zeros(2 + len(obj.metrics), dtype=torch.float64, device=self.env.device)
         counts, flops, tokens, samples = None, 0.0, 0, 0
-        if self.env.device.type == "cuda":  # all of the step's (small) batches queued up front, without stalls
+        if cuda:  # all of the step's (small) batches queued up front, without stalls
             batches = [mb.pin_memory().to(self.env.device) for mb in micro_batches]
         else:
             batches = [mb.to(self.env.device) for mb in micro_batches]
         for i, (mb, batch) in enumerate(zip(micro_batches, batches)):
             out = self.ds(batch)
-            loss = micro_batch_loss(out.loss_T, batch, W)
-            self.ds.backward(loss * scale)
+            share = obj.loss(out, batch)
+            self.ds.backward(share.loss * scale)
             if self.track_layer_grad_norms and i == len(micro_batches) - 1:
                 self.last_layer_grad_norms = self._layer_grad_norms()  # reduced, before clipping and the step
             self.ds.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            sums[0] += loss.detach().double()
+            sums[0] += share.loss.detach().double()
+            for j, name in enumerate(obj.metrics):
+                sums[2 + j] += share.metrics[name].detach().double()
             if out.aux_loss is not None:
                 sums[1] += out.aux_loss.double() / M
                 c = torch.stack([m.last_counts for m in self.model.moe_layers()]).cpu()
@@ -146,17 +138,18 @@ class DeepSpeedEngine:
             tokens += mb.num_tokens
             samples += mb.num_samples
         if dist.is_initialized():
-            dist.all_reduce(sums)  # the loss is a sum of shares; the aux loss is reported as the DP mean
+            dist.all_reduce(sums)  # shares add up to the step values; the aux loss is reported as the DP mean
         grad_norm = self.ds.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         loss_val, aux = float(sums[0]), float(sums[1]) / self.env.dp_size
         # DeepSpeed skips the update itself when the gradient norm is inf/NaN (ZeRO overflow check).
         skipped = not (math.isfinite(loss_val) and math.isfinite(grad_norm))
-        if self.env.device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
-        return StepStats(loss=loss_val, aux_loss=aux, grad_norm=grad_norm, lr=lr, tokens=tokens,
-                         samples=samples, skipped=skipped, flops=flops, expert_counts=counts,
-                         time_s=time.perf_counter() - t0)
+        return TrainStepStats(loss=loss_val, aux_loss=aux, grad_norm=grad_norm, lr=lr, tokens=tokens,
+                              samples=samples, skipped=skipped, flops=flops, expert_counts=counts,
+                              metrics={n: float(sums[2 + j]) for j, n in enumerate(obj.metrics)},
+                              time_s=time.perf_counter() - t0)
 
     def _layer_grad_norms(self) -> dict[str, float]:
         """Collective. Per parameter name: the norm of its full DP-reduced gradient (ZeRO-2 partitions gathered)."""

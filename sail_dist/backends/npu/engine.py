@@ -1,21 +1,22 @@
 """The NPU backend's Engine: our SailVL split into pipeline stages and expert-parallel shards, driven by
 Megatron-core (schedules, DDP, distributed optimizer, dist_checkpointing).
 
-Build order (parallelism applied from outside; the model is never forked):
-  build_model (same seed as every backend) -> freeze -> activation checkpointing -> experts swapped for
-  this EP rank's shard (parallel/expert.py) -> pipeline stages for this PP rank (parallel/pipeline.py)
-  -> device / dtype -> one Megatron DDP per model chunk -> distributed optimizer (dense + expert parts).
+Build order (parallelism applied from outside; the model is never forked): the shared model recipe
+(parallel/recipe.py: build -> freeze -> activation checkpointing -> MoE hooks) -> experts swapped for this EP
+rank's shard (parallel/expert.py) -> pipeline stages for this PP rank (parallel/pipeline.py) -> device / dtype
+-> one Megatron DDP per model chunk -> distributed optimizer (dense + expert parts). This module imports
+Megatron: `NPUBackend.setup` prepares the platform (MindSpeed on Ascend, the device shim on CPU) before
+`NPUBackend.build` imports it.
 
-Loss, spelled out (the same objective as the GPU backend, train/loss.py): the step objective is
-sum(w * ce) / W over every micro-batch of every DP rank, W = sum(w). Megatron runs with
-`calculate_per_token_loss=True`: the last stage's loss function returns (loss sum, token count, logs),
-gradients are SUMMED over DP, and `finalize_model_grads` divides every gradient by the global token
-count N. Our loss function returns sum(w * ce) * N / W, so the result is exactly d(objective); with the
-token reduction (w = 1 on labelled tokens) N == W and the factor is 1.
+Loss, spelled out (the objective is the GPU backend's, sail_dist/objectives): the objective returns each
+micro-batch's share of the step objective. Megatron runs with `calculate_per_token_loss=True`: the last stage's
+loss function returns (loss, count, logs), gradients are SUMMED over DP, and `finalize_model_grads` divides
+every gradient by the count summed over micro-batches and DP ranks. Our count is 1 per micro-batch, so that sum
+is M * dp, and we return `share * M * dp`: the result is exactly d(objective).
 
-MoE aux loss: the GPU backend's gradient is coeff / (n_moe_layers * M * DP) per micro-batch, rank and
-layer. Ours is injected inside the model (AttachAuxLoss) and then divided by N like everything else,
-so each layer's `aux_grad_scale` = coeff * N / (n_moe_layers * M * DP), set every step.
+MoE aux loss: the GPU backend's gradient is coeff / (n_moe_layers * M * DP) per micro-batch, rank and layer.
+Ours is injected inside the model (AttachAuxLoss) and then divided by M * dp like everything else, so each
+layer's `aux_grad_scale` = coeff / n_moe_layers.
 """
 from __future__ import annotations
 
@@ -28,35 +29,27 @@ import time
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase, ShardedTensor
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.enums import ModelType
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.transformer_config import TransformerConfig
 
-from sail_dist.backends.npu.backend import prepare_platform
-
-prepare_platform()  # MindSpeed (Ascend) / device shim (CPU) before the megatron imports below
-
-from megatron.core import dist_checkpointing  # noqa: E402
-from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase, ShardedTensor  # noqa: E402
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
-from megatron.core.distributed import finalize_model_grads  # noqa: E402
-from megatron.core.enums import ModelType  # noqa: E402
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32  # noqa: E402
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
-from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
-
-from sail_dist.backends.base import DistEnv, StepStats, all_reduce_sum, model_dtype  # noqa: E402
-from sail_dist.config import Config  # noqa: E402
-from sail_dist.data.batch import PackedBatch  # noqa: E402
-from sail_dist.kernels import opset_for_backend  # noqa: E402
-from sail_dist.model.build import build_model  # noqa: E402
-from sail_dist.model.flops import batch_flops, sample_flops  # noqa: E402
-from sail_dist.parallel.checkpointing import apply_activation_checkpointing  # noqa: E402
-from sail_dist.parallel.expert import apply_expert_parallel  # noqa: E402
-from sail_dist.parallel.mesh import ParallelDims  # noqa: E402
-from sail_dist.parallel.pipeline import PipelinePlan, Workload, build_stages, plan_pipeline  # noqa: E402
-from sail_dist.train.freeze import apply_freeze  # noqa: E402
-from sail_dist.train.loss import global_weight_sum  # noqa: E402
-from sail_dist.train.lr import lr_at  # noqa: E402
+from sail_dist.backends.base import DistEnv, TrainStepStats, all_reduce_sum, check_micro_batches, model_dtype
+from sail_dist.config import Config
+from sail_dist.data.batch import PackedBatch
+from sail_dist.kernels import opset_for_backend
+from sail_dist.model.flops import batch_flops_by_part
+from sail_dist.model.sailvl import ModelOutput
+from sail_dist.objectives import build_objective
+from sail_dist.parallel.expert import apply_expert_parallel
+from sail_dist.parallel.mesh import ParallelDims
+from sail_dist.parallel.pipeline import PipelinePlan, Workload, build_stages, plan_pipeline
+from sail_dist.parallel.recipe import build_train_model
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +79,10 @@ class MegatronEngine:
         self.ops = resolve_opset(cfg, platform)
         self.dtype = model_dtype(cfg, env.device)
 
-        model = build_model(cfg.model, self.ops, seed=t.seed, init_from=t.init_from)
-        self.trainable = apply_freeze(model, t.train_modules)
-        apply_activation_checkpointing(model, t.activation_checkpointing.vit, t.activation_checkpointing.llm)
+        model, self.trainable = build_train_model(
+            cfg, self.ops, aux_grad_scale=lambda n_moe: llm.aux_loss_coeff / n_moe,
+            reduce_counts=all_reduce_sum(ps.get_data_parallel_group()) if dims.dp > 1 else None)
+        self.objective = build_objective(t.objective)
         # Global MoE layer numbering (for expert-count stats) before the model is pruned to this stage.
         self.moe_layer_ids = [i for i in range(llm.num_layers) if llm.is_moe_layer(i)]
         if dims.ep > 1:
@@ -109,13 +103,9 @@ class MegatronEngine:
             w.shared = True
             w.shared_embedding = True
 
-        # MoE: counts reduced over this stage's data-parallel group; aux gradient scale set per step.
+        # MoE layers of each local chunk, with their global MoE index (for the step's aux loss and expert counts).
         self._chunk_moe = [[(self.moe_layer_ids.index(layer.index), layer.mlp) for layer in st.llm.layers.values()
                             if layer.index in self.moe_layer_ids] for st in self.stages]
-        self.local_moe = [x for chunk in self._chunk_moe for x in chunk]
-        dp_group = ps.get_data_parallel_group()
-        for _, m in self.local_moe:
-            m.reduce_counts = all_reduce_sum(dp_group) if dims.dp > 1 else None
 
         # Megatron config: model metadata for the schedules and DDP (our layers are not Megatron's).
         self.pad_pipeline = dims.vpp > 1
@@ -160,7 +150,7 @@ class MegatronEngine:
         self._param_names = {p: n for st in self.stages for n, p in st.named_parameters()}
         self.track_layer_grad_norms = False
         self.last_layer_grad_norms: dict[str, float] = {}
-        self._stage_flops_share = self._flops_share()
+        self._local_layers = [i for st in self.stages for i in st.spec.llm_layers]
         if env.rank == 0:
             log.info("NPU backend engine: %s, opset=%s, %s, trainable=%s\n%s", self.dims.describe(), self.ops.name,
                      self.dtype, self.trainable, self.plan.describe())
@@ -171,25 +161,13 @@ class MegatronEngine:
         """Megatron's hook for tied embeddings across stages: the embedding (first) or its copy (last)."""
         return stage.llm.embed_tokens.weight if stage.spec.first else stage.llm.lm_head.weight
 
-    def _flops_share(self) -> float:
-        """This rank's share of the LLM's FLOPs (its layers + head, by the plan's cost model)."""
-        c = self.plan.costs
-        llm_total = sum(c.layers) + c.head
-        mine = sum(c.layers[i] for st in self.stages for i in st.spec.llm_layers)
-        mine += c.head if any(st.spec.last for st in self.stages) else 0.0
-        return mine / llm_total if llm_total else 1.0
-
     def _rank_flops(self, mb: PackedBatch) -> float:
-        """Training FLOPs this rank performs for micro-batch `mb`: its share of the LLM, the vision side on the
-        first stage. Expert compute is counted where the tokens come from (top-k active), so world sums are right."""
-        mods = self.cfg.train.train_modules
-        total = batch_flops(self.cfg.model, mb, mods).train
-        vision = 0.0
-        if mb.num_images:
-            patches = (mb.image_grid_hw[:, 0] * mb.image_grid_hw[:, 1]).tolist()
-            vision = sample_flops(self.cfg.model, 0, patches, mods).train
-        has_first = any(st.spec.first for st in self.stages)
-        return (total - vision) * self._stage_flops_share + (vision if has_first else 0.0)
+        """Training FLOPs this rank performs for micro-batch `mb`: its LLM layers, the vision side and the embedding
+        on the first stage, the head on the last. Expert compute is counted where the tokens come from (top-k
+        active), so world sums are right."""
+        parts = batch_flops_by_part(self.cfg.model, mb, self.cfg.train.train_modules).train
+        return parts.select(self._local_layers, vision=any(st.spec.first for st in self.stages),
+                            head=any(st.spec.last for st in self.stages))
 
     def _init_optimizer_state(self) -> None:
         """Create torch AdamW's per-parameter state now (what its first step would create: step 0, zero moments).
@@ -220,26 +198,22 @@ class MegatronEngine:
         batch = next(data_iterator)
         out = model(batch)
         for gi, m in self._chunk_moe[self._chunk_of[id(model)]]:  # on device: no host sync per layer
-            self._aux_sum += m.last_aux.double()
+            self._sums[1] += m.last_aux.double()
             self._counts[gi] += m.last_counts.float()
         return out, functools.partial(self._loss_func, batch)
 
     def _loss_func(self, batch: PackedBatch, loss_T: torch.Tensor):
-        """Last stage: (sum(w * ce) * N / W, this micro-batch's token count, logs); Megatron divides by N."""
-        w = batch.loss_weight.to(loss_T.dtype)
-        lm_sum = (loss_T * w).sum()
-        n = torch.tensor(int((w != 0).sum()), dtype=torch.int, device=loss_T.device)
-        self._lm_sum += lm_sum.detach().double()
-        return lm_sum * self._norm_factor, n, {"lm_sum": lm_sum.detach()}
+        """Last stage: (share * M * dp, count 1, logs); Megatron divides by the summed counts, M * dp."""
+        share = self.objective.loss(ModelOutput(loss_T=loss_T, aux_loss=None), batch)
+        self._sums[0] += share.loss.detach().double()
+        for j, name in enumerate(self.objective.metrics):
+            self._sums[2 + j] += share.metrics[name].detach().double()
+        return share.loss * self._grad_scale, torch.ones((), dtype=torch.int, device=loss_T.device), {}
 
-    def train_step(self, micro_batches: list[PackedBatch], step: int) -> StepStats:
-        M = self.cfg.train.micro_batches
-        if len(micro_batches) != M:
-            raise ValueError(f"got {len(micro_batches)} micro-batches for a step configured with "
-                             f"train.micro_batches={M}")
+    def train_step(self, micro_batches: list[PackedBatch], lr: float) -> TrainStepStats:
+        M = check_micro_batches(micro_batches, self.cfg.train.micro_batches)
         t0 = time.perf_counter()
         dev = self.env.device
-        lr = lr_at(self.cfg.train, step)
         self._set_lr(lr)
         for c in self.chunks:
             c.train()
@@ -247,17 +221,12 @@ class MegatronEngine:
         self.optimizer.zero_grad()
 
         dp_group = ps.get_data_parallel_group()
-        W = global_weight_sum(micro_batches, group=dp_group, device=dev if dev.type != "cpu" else None)
-        n_local = torch.tensor([float(sum(int((mb.loss_weight != 0).sum()) for mb in micro_batches))],
-                               dtype=torch.float64, device=dev)
-        dist.all_reduce(n_local, group=dp_group)
-        N = float(n_local.item())
-        self._norm_factor = N / W
+        obj = self.objective
+        obj.begin_step(micro_batches, all_reduce_sum(dp_group, device=dev if dev.type != "cpu" else None))
+        self._grad_scale = M * self.dims.dp
         n_moe = len(self.moe_layer_ids)
-        for _, m in self.local_moe:
-            m.aux_grad_scale = self.cfg.model.llm.aux_loss_coeff * N / (n_moe * M * self.dims.dp)
-        self._lm_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        self._aux_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        # [objective (last stage), aux loss (every stage), objective metrics (last stage)...]: shares, summed below
+        self._sums = torch.zeros(2 + len(obj.metrics), dtype=torch.float64, device=dev)
         E = self.cfg.model.llm.num_experts
         self._counts = torch.zeros(n_moe, E, dtype=torch.float32, device=dev) if n_moe else None
 
@@ -271,10 +240,9 @@ class MegatronEngine:
             model=self.chunks, num_microbatches=M,
             seq_length=T_max, micro_batch_size=1, forward_only=False)
 
-        # Loss (last stage) and aux / expert counts (every stage) -> global, on every rank: both are sums, over
-        # this stage's DP group and then over the stages (only the last stage holds a loss).
-        stats = torch.stack([self._lm_sum / W if self.env.is_last_stage else torch.zeros_like(self._lm_sum),
-                             self._aux_sum])
+        # Objective, metrics (last stage) and aux loss / expert counts (every stage) -> global, on every rank: all
+        # are sums, over this stage's DP group and then over the stages (only the last stage holds the objective).
+        stats = self._sums
         dist.all_reduce(stats, group=dp_group)
         pp_group = ps.get_pipeline_model_parallel_group()
         if self.dims.pp > 1:
@@ -304,10 +272,12 @@ class MegatronEngine:
         counted = self.env.is_last_stage
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        return StepStats(loss=loss_val, aux_loss=aux, grad_norm=grad_norm, lr=lr,
-                         tokens=sum(mb.num_tokens for mb in micro_batches) if counted else 0,
-                         samples=sum(mb.num_samples for mb in micro_batches) if counted else 0,
-                         skipped=skipped, flops=flops, expert_counts=counts, time_s=time.perf_counter() - t0)
+        return TrainStepStats(loss=loss_val, aux_loss=aux, grad_norm=grad_norm, lr=lr,
+                              tokens=sum(mb.num_tokens for mb in micro_batches) if counted else 0,
+                              samples=sum(mb.num_samples for mb in micro_batches) if counted else 0,
+                              skipped=skipped, flops=flops, expert_counts=counts,
+                              metrics={n: float(stats[2 + j]) for j, n in enumerate(obj.metrics)},
+                              time_s=time.perf_counter() - t0)
 
     def _clip_and_step(self, grad_norm: float) -> None:
         """Megatron ChainedOptimizer.step() minus its norm computation (done above, shared with the skip check)."""

@@ -5,7 +5,6 @@ groups, parallel wrapping, the optimizer and checkpoint format of its engine.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -15,6 +14,7 @@ from torch import nn
 
 from sail_dist.config import Config
 from sail_dist.data.batch import PackedBatch
+from sail_dist.registry import Registry
 
 
 @dataclass
@@ -36,8 +36,10 @@ class DistEnv:
 
 
 @dataclass
-class StepStats:
-    loss: float  # global, normalised language-model loss of the step (what the optimizer minimised, without aux)
+class TrainStepStats:
+    """What `Engine.train_step` reports: global values on every rank unless noted."""
+
+    loss: float  # the step objective (sum of the objective's shares over micro-batches and ranks), without aux
     aux_loss: float  # mean MoE load-balancing loss (0 for dense models)
     grad_norm: float  # global gradient norm before clipping
     lr: float
@@ -46,13 +48,14 @@ class StepStats:
     skipped: bool = False  # non-finite loss or gradient: the update was skipped
     flops: float = 0.0  # training FLOPs this rank performed (model/flops.py)
     expert_counts: torch.Tensor | None = None  # [n_moe_layers, E] token-slot counts (global over DP)
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's step metrics (objectives/base.py)
     time_s: float = 0.0
 
 
 class Engine(Protocol):
     model: nn.Module  # the unwrapped single-device model (for evaluation and export)
 
-    def train_step(self, micro_batches: list[PackedBatch], step: int) -> StepStats: ...
+    def train_step(self, micro_batches: list[PackedBatch], lr: float) -> TrainStepStats: ...
 
     def save(self, path: str) -> None: ...
 
@@ -88,22 +91,33 @@ def model_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def all_reduce_sum(group: dist.ProcessGroup | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An in-place sum over `group` (the hook engines give `MoE.reduce_counts`)."""
+def all_reduce_sum(group: dist.ProcessGroup | None = None, device: torch.device | None = None
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A sum over `group` (in place, after a move to `device`, which NCCL needs; a no-op without a process group):
+    the hook engines give `MoE.reduce_counts` and `Objective.begin_step`."""
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, group=group)
+        if device is not None:
+            t = t.to(device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t, group=group)
         return t
 
     return reduce
 
 
-_BACKENDS = {"gpu": "sail_dist.backends.gpu.backend:GPUBackend", "npu": "sail_dist.backends.npu.backend:NPUBackend"}
+def check_micro_batches(micro_batches: list[PackedBatch], expected: int) -> int:
+    """The step's micro-batch count, which must be `train.micro_batches` (both frameworks are built for it)."""
+    if len(micro_batches) != expected:
+        raise ValueError(f"got {len(micro_batches)} micro-batches for a step configured with "
+                         f"train.micro_batches={expected}")
+    return expected
+
+
+BACKENDS = Registry("backend", {"gpu": "sail_dist.backends.gpu.backend:GPUBackend",
+                                "npu": "sail_dist.backends.npu.backend:NPUBackend"})
 
 
 def get_backend(name: str) -> Backend:
     """The backend registered as `name` ("gpu" or "npu"), imported lazily."""
-    if name not in _BACKENDS:
-        raise KeyError(f"unknown backend {name!r}; available: {', '.join(sorted(_BACKENDS))}")
-    module, cls = _BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    return BACKENDS.get(name)()

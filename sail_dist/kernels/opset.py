@@ -16,9 +16,10 @@ Signatures (T tokens, H heads, D head dim, E experts, K top-k, V vocab):
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
+
+from sail_dist.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -38,40 +39,34 @@ class OpSet:
         return replace(self, **ops)
 
 
-# name -> "module:factory"; factories are imported lazily so that e.g. triton or torch_npu are only
-# imported when their OpSet is asked for.
-_FACTORIES: dict[str, str | Callable[..., OpSet]] = {
+# Factories are imported lazily so that e.g. triton or torch_npu are only imported when their OpSet is asked for.
+OPSETS = Registry("OpSet", {
     "reference": "sail_dist.kernels.reference:opset",
     "gpu": "sail_dist.kernels.gpu:opset",
     "npu": "sail_dist.kernels.npu.ops:opset",
     "npu_emulated": "sail_dist.kernels.npu.ops:emulated_opset",
-}
+})
 
 
 def register_opset(name: str, factory: str | Callable[..., OpSet]) -> None:
     """Register an OpSet factory under `name` (a callable, or a lazy "module:function" string)."""
-    _FACTORIES[name] = factory
+    OPSETS.register(name, factory)
 
 
 def available_opsets() -> list[str]:
-    return sorted(_FACTORIES)
+    return OPSETS.names()
 
 
 # Backend-config options each OpSet understands (the others take none).
-_CONFIG_OPTIONS = {"gpu": ("moe_impl",)}
+_CONFIG_OPTIONS = {"gpu": ("moe_impl", "kernels")}
 
 
 def opset_for_backend(name: str, backend_cfg) -> OpSet:
-    """The OpSet `name` with the options it takes from a BackendConfig (e.g. the GPU set's `moe_impl`)."""
+    """The OpSet `name` with the options it takes from a BackendConfig (e.g. the GPU set's `moe_impl` and
+    `kernels`, the Triton experts' switches)."""
     return get_opset(name, **{k: getattr(backend_cfg, k) for k in _CONFIG_OPTIONS.get(name, ())})
 
 
 def get_opset(name: str, **options) -> OpSet:
     """Build the OpSet registered as `name`; options go to its factory (e.g. moe_impl="grouped_mm")."""
-    if name not in _FACTORIES:
-        raise KeyError(f"unknown OpSet {name!r}; available: {', '.join(available_opsets())}")
-    factory = _FACTORIES[name]
-    if isinstance(factory, str):
-        module, fn = factory.split(":")
-        factory = getattr(importlib.import_module(module), fn)
-    return factory(**options)
+    return OPSETS.get(name)(**options)

@@ -1,18 +1,22 @@
 """Fused MoE experts in Triton: grouped GEMMs over expert-sorted tokens, forward and backward.
 
-Computes the OpSet's `moe_experts` (see kernels/opset.py):
+Computes the OpSet's `moe_experts` (see sail_dist/kernels/opset.py):
 
     y[t] = sum_j topk_weight[t, j] * swiglu(x[t] @ w_gate_up[e]) @ w_down[e],   e = topk_idx[t, j]
 
+Every launcher takes the `KernelConfig` (`backend.kernels`; its table is in docs/gpu.md) as `opts`: its
+defaults are the measured-fastest paths (figures in BENCHMARKS.md, "MoE experts"), each switch turned off
+keeps the slower path beside it for comparison and tests.
+
 Layout. The M = T*K (token, slot) pairs are sorted by expert ("rows"); expert e owns the contiguous rows
-offsets[e]:offsets[e+1]. After the torch sort, one kernel (`route_weights`) writes the rest of the routing,
-the routing weight of each row and the sort's inverse (H200, A3B 8k: 0.16 ms against 0.23 for the ~8 torch
-ops it replaced). The Triton kernels read x / dy through the row -> token index (`tok_M`) inside their
-A-operand loads (the permute's gather). Where torch._grouped_mm (CUTLASS on Hopper) runs a GEMM faster than
-our Triton kernel, that GEMM goes to it (`USE_GROUPED_MM`): it needs its operands in sorted rows, so x / dy
-are gathered once (`gather_rows`, a Triton row copy: 0.104 ms against index_select's 0.116 at 8k), and its
-per-row outputs are combined back into tokens by a gather-sum through the sort's inverse (`inverse_rows`;
-fixed slot order: deterministic, no atomics).
+offsets[e]:offsets[e+1]. After the torch sort, one kernel (`route_weights`, `moe_fused_route`) writes the
+rest of the routing, the routing weight of each row and the sort's inverse, in place of ~8 torch launches
+(at these sizes their cost is launch time). The Triton kernels read x / dy through the row -> token index
+(`tok_M`) inside their A-operand loads (the permute's gather). Where torch._grouped_mm (CUTLASS on Hopper)
+runs a GEMM faster than our Triton kernel, that GEMM goes to it (`moe_grouped_mm`): it needs its operands in
+sorted rows, so x / dy are gathered once (`gather_rows`, a Triton row copy that keeps the source rows in L2,
+`moe_gather_kernel`), and its per-row outputs are combined back into tokens by a gather-sum through the
+sort's inverse (`inverse_rows`; fixed slot order: deterministic, no atomics).
 
 Forward:
   1. gate_up (Triton):  h_M2F = x[tok] @ w_gate_up[e]   epilogue: act_MF = silu(gate) * up  (h kept for bwd)
@@ -20,98 +24,99 @@ Forward:
 Backward (dy_MH = dy[tok] gathered once):
   3. down dgrad:  g_MF = dy_MH @ w_down[e]^T (grouped_mm), then the SwiGLU backward (one elementwise Triton
                   pass): d_weight[r] = sum_f g * act, dh = swiglu'(h) * (w_r * g), and act_s = w_r * act
-                  (act recomputed from h) for step 6. (`DGRAD_MODE` "fused": all of it in one Triton
-                  kernel's epilogue, slower on the H100.)
+                  (act recomputed from h) for step 6. (Folded into the GEMM's epilogue it spilled
+                  registers and lost: BENCHMARKS.md.)
   4. gate_up dgrad (grouped_mm): dx_MH = dh @ w_gate_up[e]^T, then dx[t] = sum_k dx_MH[inv[t*K + k]]
   5. dW_gate_up[e] = x[tok_e]^T @ dh_e      (grouped_mm, the 2-D x 2-D form: reduction over e's rows)
   6. dW_down[e]    = act_s_e^T @ dy_MH_e    (likewise)
-H100, A3B shape (T 8192, H 2048, F 768, E 128, k 8): grouped_mm ran 5 (dW_gate_up) at 495 TFLOP/s against
-336 for our Triton weight-gradient kernel, 6 at 486 against 325, 4 at 516 against 475, 2 at 490 against 411,
-3's GEMM at 502 against 490. Without grouped_mm (operand strides it rejects: a dimension that is not a
-multiple of 16 bytes), or with USE_GROUPED_MM off, every step runs in Triton: 2 and 4 then scatter their
-rows straight into the [T*K, H] (token, slot) layout through `pos_M` and the combine is a contiguous
-`view(T, K, H).sum(1)`, and 5-6 run in `_grouped_wgrad_kernel` on the gathered rows.
+grouped_mm beat our Triton kernel on each of 2-6 alone. Without grouped_mm (operand strides it rejects: a
+dimension that is not a multiple of 16 bytes), or with `moe_grouped_mm` off, every step runs in Triton: 2 and
+4 then scatter their rows straight into the [T*K, H] (token, slot) layout through `pos_M` and the combine is a
+contiguous `view(T, K, H).sum(1)`, and 5-6 run in `_grouped_wgrad_kernel` on the gathered rows.
 
-The gate_up kernel loads its weight tiles through a TMA descriptor on Hopper and newer (`W_TMA`; the
-gathered x rows cannot use TMA there): H200, A3B 8k, 0.84 ms against 0.86 with pointer loads (8k; 1.67
-against 1.71 at 16k), the torch._grouped_mm GEMM alone on pre-gathered rows 0.82 without the SwiGLU.
+The gate_up kernel loads its weight tiles through a TMA descriptor on Hopper and newer (`moe_weight_tma`; the
+gathered x rows stay on pointer loads: Hopper's TMA has no row gather).
 
 Scheduling. The row-tiled Triton kernels (1-4) find their expert inside the kernel from the offsets (a
 cumsum of ceil(count / BLOCK_M) over experts), so the schedule needs no host sync and follows the autotuned BLOCK_M;
 the grid is the static bound cdiv(M, BLOCK_M) + E tiles and surplus programs return at once. Tiles are
 visited GROUP_M row tiles at a time across all column tiles (the L2 swizzle of Triton's matmul tutorial):
 with the few-experts shape a weight matrix is far larger than L2, and visiting row tiles one by one
-re-read it from HBM per row tile (H100, few-experts gate_up: 349 -> 523 TFLOP/s). Empty experts cost nothing in
-1-4 and get zero weight gradients in 5-6 (torch._grouped_mm writes zeros for an empty group on Hopper:
-checked on the H100, and by the CUDA test). All accumulation is fp32; inputs may be bf16/fp16 (production)
-or fp32 (tests: the dots then run in IEEE fp32, not tf32). Every kernel writes each element of its output
-exactly once, so autotuning (which reruns kernels) cannot leave stale values behind.
+re-read it from HBM per row tile. Empty experts cost nothing in 1-4 and get zero weight gradients in 5-6
+(torch._grouped_mm writes zeros for an empty group on Hopper: the CUDA test checks it). All accumulation is
+fp32; inputs may be bf16/fp16 (production) or fp32 (tests: the dots then run in IEEE fp32, not tf32). Every
+kernel writes each element of its output exactly once, so autotuning (which reruns kernels) cannot leave
+stale values behind. Each autotuned kernel exists twice, autotuned and fixed at its first config
+(`moe_autotune`), and each launch picks one.
 
 Under TRITON_INTERPRET=1 (CPU CI) every kernel uses one small fixed tile config and pointer loads (the TMA
-path is checked on the GPU: tests/test_triton_moe.py's bf16 test and the benchmark's poisoned checks).
+path is checked on the GPU: tests/test_triton_moe.py's bf16 and weight-TMA tests and the benchmark's poisoned
+checks).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 
+from sail_dist.config import KernelConfig
+from sail_dist.kernels.triton import interpreting
 from sail_dist.kernels.triton.moe_routing import Routing, route, sort_by_expert
 
-__all__ = ["MoEExpertsFunction", "Routing", "dgrad_mode", "moe_experts", "poison_outputs", "route"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
+__all__ = ["MoEExpertsFunction", "Routing", "moe_experts", "poison_outputs", "route"]
 
 # Whether this module's kernels were defined for Triton's CPU interpreter (fixed when they are defined;
 # the interpreter also needs TRITON_INTERPRET=1 while they run).
-INTERPRET = _interpreting()
+INTERPRET = interpreting()
 
 
 # --------------------------------------------------------------------------------------------------
-# Tile configs. Kept small on purpose: every config is a compile (seconds) plus a benchmark per key.
-# SAIL_MOE_AUTOTUNE=0 uses the first config of each list (quick GPU tests).
+# Tile configs. Kept small on purpose: every config is a compile (seconds) plus a benchmark per key;
+# candidates that never won a benchmark were dropped (BENCHMARKS.md, "MoE experts").
 # --------------------------------------------------------------------------------------------------
-def _cfg(bm, bn, bk, warps, stages):
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-def _configs(gpu_list):
+@dataclass(frozen=True)
+class _Tuned:
+    """One kernel twice: autotuned over its candidate configs, and fixed at the first of them (no benchmark
+    runs, one compile per kernel: quick GPU tests). `KernelConfig.moe_autotune` picks one per launch."""
+
+    autotuned: Autotuner
+    fixed: Autotuner
+
+    def select(self, opts: KernelConfig) -> Autotuner:
+        return self.autotuned if opts.moe_autotune else self.fixed
+
+
+def _tuned(configs: list[triton.Config], key: list[str]) -> Callable[[Callable], _Tuned]:
     if INTERPRET:
-        return [_cfg(16, 16, 16, 1, 1)]
-    if os.environ.get("SAIL_MOE_AUTOTUNE", "1") == "0":
-        return gpu_list[:1]
-    return gpu_list
+        configs = [_cfg(16, 16, 16, 1, 1)]
+    return lambda fn: _Tuned(triton.autotune(configs=configs, key=key)(fn),
+                             triton.autotune(configs=configs[:1], key=key)(fn))
 
 
-# The first config of each list is the SAIL_MOE_AUTOTUNE=0 one and is also the fp32 (test) workhorse on
+# The first config of each list is the `moe_autotune: false` one and is also the fp32 (test) workhorse on
 # a GPU: keep it at most 128x128 (a 128x256 fp32 IEEE tile takes minutes to compile).
 # Row-tiled GEMMs: BLOCK_M rows x BLOCK_N output columns; K = the hidden (or FFN) dim.
-# (H100 runs: 128x256/8 warps won for every bf16 shape; 64x128 never did and was dropped.)
 _ROW_CONFIGS = [
     _cfg(128, 128, 64, 8, 3),
     _cfg(128, 256, 64, 8, 3),
     _cfg(128, 128, 64, 4, 4),
 ]
-# The gate_up kernel carries two accumulators (gate and up columns), so BLOCK_N is per half. (H100, A3B:
-# 128x128x64/8 warps with 4 stages 0.83 ms, with 3 stages 0.97; the 128x64 configs never won and were
-# dropped. H200, A3B 8k, TMA weights: 128x128x32/5 stages 0.84 ms, 128x128x64/4 0.89; 64-row tiles (less
-# padding in each expert's last tile) 0.93-1.08 with 4 warps: dropped.)
+# The gate_up kernel carries two accumulators (gate and up columns), so BLOCK_N is per half. 64-row tiles
+# (less padding in each expert's last tile) lost to 128 rows.
 _GATE_UP_CONFIGS = [
     _cfg(128, 128, 64, 8, 3),
     _cfg(128, 128, 64, 8, 4),
     _cfg(128, 128, 32, 8, 5),
-]
-_DGRAD_SWIGLU_CONFIGS = [
-    _cfg(64, 128, 64, 4, 4),
-    _cfg(128, 64, 64, 4, 4),
-    _cfg(128, 128, 64, 8, 3),
 ]
 # Weight gradients: BLOCK_M x BLOCK_N of one expert's [MO, NO] gradient; K = that expert's rows.
 _WGRAD_CONFIGS = [
@@ -203,7 +208,7 @@ def _gathered_tile_matmul(a_ptr, src, stride_am, w_ptr, expert, stride_we, strid
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(_GATE_UP_CONFIGS), key=["N", "K", "W_TMA"])
+@_tuned(_GATE_UP_CONFIGS, key=["N", "K", "W_TMA"])
 @triton.heuristics(_EVEN)
 @triton.jit
 def _gate_up_swiglu_fwd_kernel(
@@ -279,7 +284,7 @@ def _gate_up_swiglu_fwd_kernel(
              act.to(act_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(_ROW_CONFIGS), key=["N", "K"])
+@_tuned(_ROW_CONFIGS, key=["N", "K"])
 @triton.heuristics(_EVEN)
 @triton.jit
 def _grouped_gemm_kernel(
@@ -295,7 +300,7 @@ def _grouped_gemm_kernel(
     GATHER_A (else r) and o(r) = out_idx[r] when SCATTER_OUT (else r).
 
     W[e] is addressed through (stride_wk, stride_wn), so one kernel runs the forward down GEMM
-    (W = w_down[e]), the backward gate_up dgrad (W = w_gate_up[e]^T) and the split down dgrad
+    (W = w_down[e]), the backward gate_up dgrad (W = w_gate_up[e]^T) and the down dgrad
     (W = w_down[e]^T, A = dy gathered)."""
     expert, row_start, row_end, pid_n = _row_tile_schedule(M, N, offsets_ptr, E, E_PAD, BLOCK_M, BLOCK_N, GROUP)
     if row_start >= row_end:
@@ -329,73 +334,13 @@ def _grouped_gemm_kernel(
              mask=row_mask[:, None] & n_mask[None, :])
 
 
-@triton.autotune(configs=_configs(_DGRAD_SWIGLU_CONFIGS), key=["N", "K"])
-@triton.heuristics(_EVEN)
-@triton.jit
-def _down_dgrad_swiglu_bwd_kernel(
-    dy_ptr, w_ptr, h_ptr, scale_ptr, tok_ptr, offsets_ptr,
-    dh_ptr, act_ptr, dscale_part_ptr,
-    M, N, K, PART_ROWS,  # N = F, K = hidden; PART_ROWS = rows of the d_scale partials buffer
-    stride_dym, stride_we, stride_wk, stride_wn, stride_hm, stride_dhm, stride_am,
-    E: tl.constexpr, E_PAD: tl.constexpr, GROUP: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
-    EVEN_K: tl.constexpr,
-):
-    """g = dy[tok[r]] @ w_down[e]^T (the gradient of the expert output before the routing weight), then:
-      d_scale partial[pid_n, r] = sum_n g * act      (summed over column tiles by the caller)
-      dh[r] = [d_act * up * silu'(gate), d_act * silu(gate)],  d_act = scale[r] * g
-      act_s[r] = scale[r] * silu(gate) * up          (act recomputed from h; the dW_down operand)
-    The partials buffer has PART_ROWS >= cdiv(N, BLOCK_N) rows for every config; column tile 0 zeroes the
-    rows this config does not use, so a previous config's partials (autotuning) never leak in."""
-    expert, row_start, row_end, pid_n = _row_tile_schedule(M, N, offsets_ptr, E, E_PAD, BLOCK_M, BLOCK_N, GROUP)
-    if row_start >= row_end:
-        return
-
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    rows_ld = tl.minimum(rows, row_end - 1).to(tl.int64)
-    src = tl.load(tok_ptr + rows_ld).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    if EVEN_N:
-        offs_n_ld = offs_n
-    else:
-        offs_n_ld = tl.where(n_mask, offs_n, 0)
-
-    acc = _gathered_tile_matmul(dy_ptr, src, stride_dym, w_ptr, expert, stride_we, stride_wk, stride_wn, offs_n_ld,
-                                K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-
-    mask = row_mask[:, None] & n_mask[None, :]
-    h_ptrs = h_ptr + rows_ld[:, None] * stride_hm + offs_n_ld[None, :]
-    gate = tl.load(h_ptrs).to(tl.float32)
-    up = tl.load(h_ptrs + N).to(tl.float32)
-    sig = tl.sigmoid(gate)
-    silu = gate * sig
-    # The routing-weight gradient uses the same (rounded) act as the forward down GEMM's operand.
-    act_lp = (silu * up).to(act_ptr.dtype.element_ty).to(tl.float32)
-    d_scale = tl.sum(tl.where(mask, acc * act_lp, 0.0), 1)
-    tl.store(dscale_part_ptr + pid_n.to(tl.int64) * M + rows, d_scale, mask=row_mask)
-    if pid_n == 0:
-        for j in range(tl.cdiv(N, BLOCK_N), PART_ROWS):
-            tl.store(dscale_part_ptr + j * M + rows, tl.zeros((BLOCK_M,), tl.float32), mask=row_mask)
-
-    scale = tl.load(scale_ptr + rows_ld).to(tl.float32)
-    tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :],
-             (act_lp * scale[:, None]).to(act_ptr.dtype.element_ty), mask=mask)
-    d_act = acc * scale[:, None]
-    dh_ptrs = dh_ptr + rows.to(tl.int64)[:, None] * stride_dhm + offs_n[None, :]
-    tl.store(dh_ptrs + N, (d_act * silu).to(dh_ptr.dtype.element_ty), mask=mask)
-    d_gate = d_act * up * sig * (1.0 + gate * (1.0 - sig))
-    tl.store(dh_ptrs, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
-
-
 @triton.jit
 def _swiglu_bwd_kernel(
     g_ptr, h_ptr, scale_ptr, dh_ptr, act_ptr, dscale_ptr,
     M, F, stride_gm, stride_hm, stride_dhm, stride_am,
     BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    """The split path's elementwise half of step 3, one pass over rows: from g = dy[tok] @ w_down^T and
+    """The elementwise half of step 3, one pass over rows: from g = dy[tok] @ w_down^T and
     h, write act_s = scale * act, dh and the full-row d_scale (no partials)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < M
@@ -422,7 +367,7 @@ def _swiglu_bwd_kernel(
     tl.store(dscale_ptr + rows64, d_scale, mask=row_mask)
 
 
-@triton.autotune(configs=_configs(_WGRAD_CONFIGS), key=["MO", "NO"])
+@_tuned(_WGRAD_CONFIGS, key=["MO", "NO"])
 @triton.heuristics({"EVEN_MO": lambda a: a["MO"] % a["BLOCK_M"] == 0,
                     "EVEN_NO": lambda a: a["NO"] % a["BLOCK_N"] == 0})
 @triton.jit
@@ -450,8 +395,7 @@ def _grouped_wgrad_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < MO
     n_mask = offs_n < NO
-    # First H100 run: with where() here on every shape the loads lost their contiguity and the kernel
-    # ran at 46 TFLOP/s; only ragged shapes pay for it now.
+    # (a where() loses the contiguity the vectorised loads need: only ragged shapes pay for it)
     if EVEN_MO:
         offs_m_ld = offs_m
     else:
@@ -592,14 +536,13 @@ def _common(r: Routing, dtype) -> dict:
     return dict(E=E, E_PAD=triton.next_power_of_2(E), GROUP=GROUP_M, DOT_PREC=_dot_prec(dtype))
 
 
-# SAIL_MOE_W_TMA=0: the gate_up kernel loads its weight tiles through pointers instead of TMA.
-W_TMA = os.environ.get("SAIL_MOE_W_TMA", "1") != "0"
 _TMA_TILES = (128, 64)  # every gate_up config's BLOCK_N and BLOCK_K divide these
 
 
-def _w_tma_ok(w_EHF2) -> bool:
-    """TMA for the gate_up weights: a device that has it, contiguous bf16/fp16 w with tile-aligned H and F."""
-    if not (W_TMA and w_EHF2.is_cuda and not INTERPRET and w_EHF2.is_contiguous()
+def _w_tma_ok(w_EHF2: torch.Tensor, opts: KernelConfig) -> bool:
+    """TMA for the gate_up weights: switched on, a device that has it, contiguous bf16/fp16 w with
+    tile-aligned H and F."""
+    if not (opts.moe_weight_tma and w_EHF2.is_cuda and not INTERPRET and w_EHF2.is_contiguous()
             and w_EHF2.dtype in (torch.bfloat16, torch.float16)):
         return False
     E, H, F2 = w_EHF2.shape
@@ -618,22 +561,22 @@ def _tma_device(index: int) -> bool:
     return True
 
 
-def gate_up_fwd(x_TH, w_EHF2, r: Routing):
+def gate_up_fwd(x_TH, w_EHF2, r: Routing, opts: KernelConfig):
     """-> (h_M2F pre-activation, act_MF = swiglu(h)); rows in expert-sorted order."""
     E, H, F2 = w_EHF2.shape
     F, M = F2 // 2, r.num_rows
     h_MF2 = _out((M, F2), x_TH.dtype, x_TH.device)
     act_MF = _out((M, F), x_TH.dtype, x_TH.device)
     if M:
-        _gate_up_swiglu_fwd_kernel[_row_grid(M, E, F)](
+        _gate_up_swiglu_fwd_kernel.select(opts)[_row_grid(M, E, F)](
             x_TH, w_EHF2, h_MF2, act_MF, r.tok_M, r.offsets_E1, M, F, H,
             x_TH.stride(0), w_EHF2.stride(0), w_EHF2.stride(1), w_EHF2.stride(2), h_MF2.stride(0),
-            act_MF.stride(0), W_TMA=_w_tma_ok(w_EHF2), **_common(r, x_TH.dtype))
+            act_MF.stride(0), W_TMA=_w_tma_ok(w_EHF2, opts), **_common(r, x_TH.dtype))
     return h_MF2, act_MF
 
 
-def grouped_gemm(a, w_EKN, r: Routing, out_rows: int, scale_M=None, transpose_w=False, gather_a=False,
-                 scatter_out=False):
+def grouped_gemm(a, w_EKN, r: Routing, out_rows: int, opts: KernelConfig, scale_M=None, transpose_w=False,
+                 gather_a=False, scatter_out=False):
     """out[o(r)] = scale[r] * a[i(r)] @ W[e], W = w_EKN[e] ([K, N]) or w_EKN[e]^T when transpose_w (then
     w_EKN is [E, N, K]); i(r) = tok[r] if gather_a else r; o(r) = pos[r] if scatter_out else r."""
     K = a.shape[1]
@@ -644,43 +587,22 @@ def grouped_gemm(a, w_EKN, r: Routing, out_rows: int, scale_M=None, transpose_w=
         N, s_wk, s_wn = w_EKN.shape[2], w_EKN.stride(1), w_EKN.stride(2)
     out = _out((out_rows, N), a.dtype, a.device)
     if M:
-        _grouped_gemm_kernel[_row_grid(M, E, N)](
+        _grouped_gemm_kernel.select(opts)[_row_grid(M, E, N)](
             a, w_EKN, out, scale_M if scale_M is not None else a, r.tok_M, r.pos_M, r.offsets_E1,
             M, N, K, a.stride(0), w_EKN.stride(0), s_wk, s_wn, out.stride(0),
             GATHER_A=gather_a, SCATTER_OUT=scatter_out, HAS_SCALE=scale_M is not None, **_common(r, a.dtype))
     return out
 
 
-# Rows of the d_scale partials: enough for the narrowest config. (Under the interpreter, narrower than its
-# one config, so the zero-filling of unused rows is exercised by the CPU tests.)
-_PART_ROWS_BLOCK_N = 8 if INTERPRET else min(c.kwargs["BLOCK_N"] for c in _DGRAD_SWIGLU_CONFIGS)
-
-
-def down_dgrad_fused(dy_TH, w_EFH, h_MF2, scale_M, r: Routing, dy_MH=None):
-    """Step 3 in one kernel -> (dh_M2F, act_s_MF = scale * act, d_scale_M fp32). (dy_MH: unused here.)"""
-    E, F, H = w_EFH.shape
-    M = r.num_rows
-    dh_MF2 = _out((M, 2 * F), dy_TH.dtype, dy_TH.device)
-    act_MF = _out((M, F), dy_TH.dtype, dy_TH.device)
-    part_rows = triton.cdiv(F, _PART_ROWS_BLOCK_N)
-    part_NM = _out((part_rows, M), torch.float32, dy_TH.device)
-    if M:
-        _down_dgrad_swiglu_bwd_kernel[_row_grid(M, E, F)](
-            dy_TH, w_EFH, h_MF2, scale_M, r.tok_M, r.offsets_E1, dh_MF2, act_MF, part_NM,
-            M, F, H, part_rows, dy_TH.stride(0), w_EFH.stride(0), w_EFH.stride(2), w_EFH.stride(1),
-            h_MF2.stride(0), dh_MF2.stride(0), act_MF.stride(0), **_common(r, dy_TH.dtype))
-    return dh_MF2, act_MF, part_NM.sum(0)
-
-
-def down_dgrad_split(dy_TH, w_EFH, h_MF2, scale_M, r: Routing, dy_MH=None):
-    """Step 3 as the plain grouped GEMM g = dy[tok] @ w_down^T (torch._grouped_mm on dy_MH = dy[tok] when
-    given and it applies, else our Triton kernel) plus one elementwise SwiGLU-backward pass
-    -> (dh_M2F, act_s_MF, d_scale_M fp32)."""
+def down_dgrad(dy_TH, w_EFH, h_MF2, scale_M, r: Routing, opts: KernelConfig, dy_MH=None):
+    """Step 3: the grouped GEMM g = dy[tok] @ w_down^T (torch._grouped_mm on dy_MH = dy[tok] when given and
+    it applies, else our Triton kernel) plus one elementwise SwiGLU-backward pass
+    -> (dh_M2F, act_s_MF = scale * act, d_scale_M fp32)."""
     F, M = w_EFH.shape[1], r.num_rows
-    if dy_MH is not None and USE_GROUPED_MM and _gmm_ok(dy_MH, w_EFH.transpose(1, 2)):
+    if dy_MH is not None and opts.moe_grouped_mm and _gmm_ok(dy_MH, w_EFH.transpose(1, 2)):
         g_MF = _gmm(dy_MH, w_EFH.transpose(1, 2), r)
     else:
-        g_MF = grouped_gemm(dy_TH, w_EFH, r, M, transpose_w=True, gather_a=True)
+        g_MF = grouped_gemm(dy_TH, w_EFH, r, M, opts, transpose_w=True, gather_a=True)
     dh_MF2 = _out((M, 2 * F), dy_TH.dtype, dy_TH.device)
     act_MF = _out((M, F), dy_TH.dtype, dy_TH.device)
     dscale_M = _out((M,), torch.float32, dy_TH.device)
@@ -693,45 +615,9 @@ def down_dgrad_split(dy_TH, w_EFH, h_MF2, scale_M, r: Routing, dy_MH=None):
     return dh_MF2, act_MF, dscale_M
 
 
-# "split" | "fused" | "auto" (CUDA: time both once per shape, on the first backward, and keep the faster;
-# elsewhere "fused"). On the H100 the fused kernel's epilogue sinks it to 166-258 TFLOP/s against 321-444
-# for split, and "auto" chose split for every benchmark shape: split is the default, so no backward pays
-# for a measurement (or syncs, which CUDA-graph capture would not allow).
-DGRAD_MODE = os.environ.get("SAIL_MOE_DGRAD", "split")
-_dgrad_choice: dict = {}
-
-
-def dgrad_mode(dy_TH, w_EFH, h_MF2, scale_M, r: Routing) -> str:
-    """The down-dgrad variant used for this shape (measured on the first call when DGRAD_MODE == "auto")."""
-    if DGRAD_MODE != "auto":
-        return DGRAD_MODE
-    if not dy_TH.is_cuda:
-        return "fused"
-    key = (tuple(w_EFH.shape), dy_TH.dtype, dy_TH.device.index, r.num_rows // 4096)
-    if key not in _dgrad_choice:
-        from triton.testing import do_bench
-
-        with poison_outputs(False):
-            times = {}
-            for mode, fn in (("fused", down_dgrad_fused), ("split", down_dgrad_split)):
-                fn(dy_TH, w_EFH, h_MF2, scale_M, r)  # compile + autotune outside the timing
-                times[mode] = do_bench(lambda fn=fn: fn(dy_TH, w_EFH, h_MF2, scale_M, r), warmup=5, rep=25)
-        _dgrad_choice[key] = min(times, key=times.get)
-    return _dgrad_choice[key]
-
-
-def down_dgrad(dy_TH, w_EFH, h_MF2, scale_M, r: Routing, dy_MH=None):
-    fn = down_dgrad_split if dgrad_mode(dy_TH, w_EFH, h_MF2, scale_M, r) == "split" else down_dgrad_fused
-    return fn(dy_TH, w_EFH, h_MF2, scale_M, r, dy_MH)
-
-
 # --------------------------------------------------------------------------------------------------
 # torch._grouped_mm (CUTLASS on Hopper) for the GEMMs where it beats ours
 # --------------------------------------------------------------------------------------------------
-# SAIL_MOE_GROUPED_MM=0: every GEMM in Triton (comparison, and the tests of the Triton-only path).
-USE_GROUPED_MM = os.environ.get("SAIL_MOE_GROUPED_MM", "1") != "0"
-
-
 def _gmm_ok(*mats) -> bool:
     """Whether torch._grouped_mm takes these operands on its fast path: bf16 on CUDA (other dtypes there go
     to a per-group loop with a host sync; on CPU, under the interpreter tests, every dtype is taken), a
@@ -753,40 +639,36 @@ def _gmm(a, b, r: Routing):
     return torch._grouped_mm(a, b, offs=r.offsets_E1[1:])
 
 
-def wgrad(a_MA, b_MB, r: Routing, dtype, a_rows=None, b_rows=None):
+def wgrad(a_MA, b_MB, r: Routing, dtype, opts: KernelConfig, a_rows=None, b_rows=None):
     """dW[e] = A[rows_e]^T @ B[rows_e] -> [E, A cols, B cols]; A = a[a_rows] (rows gathered) when a_rows is
     given, else a; likewise B."""
-    if USE_GROUPED_MM and r.num_rows and _gmm_ok(a_MA, b_MB):
-        a = a_MA if a_rows is None else gather_rows(a_MA, a_rows)
-        b = b_MB if b_rows is None else gather_rows(b_MB, b_rows)
+    if opts.moe_grouped_mm and r.num_rows and _gmm_ok(a_MA, b_MB):
+        a = a_MA if a_rows is None else gather_rows(a_MA, a_rows, opts)
+        b = b_MB if b_rows is None else gather_rows(b_MB, b_rows, opts)
         return _gmm(a.t(), b, r)
-    return grouped_wgrad(a_MA, b_MB, r, dtype, a_idx=a_rows, b_idx=b_rows)
+    return grouped_wgrad(a_MA, b_MB, r, dtype, opts, a_idx=a_rows, b_idx=b_rows)
 
 
-def grouped_wgrad(a, b, r: Routing, dtype, a_idx=None, b_idx=None):
+def grouped_wgrad(a, b, r: Routing, dtype, opts: KernelConfig, a_idx=None, b_idx=None):
     """dW[e] = a[rows_e]^T @ b[rows_e] -> [E, a.shape[1], b.shape[1]] in the Triton kernel; rows read
     through a_idx / b_idx when given (a[a_idx[row]])."""
     E = r.num_experts
     MO, NO = a.shape[1], b.shape[1]
     dw = _out((E, MO, NO), dtype, a.device)
     grid = lambda meta: (E * triton.cdiv(MO, meta["BLOCK_M"]) * triton.cdiv(NO, meta["BLOCK_N"]),)
-    _grouped_wgrad_kernel[grid](
+    _grouped_wgrad_kernel.select(opts)[grid](
         a, b, dw, a_idx if a_idx is not None else r.tok_M, b_idx if b_idx is not None else r.tok_M,
         r.offsets_E1, MO, NO, a.stride(0), b.stride(0), dw.stride(0), dw.stride(1),
         GROUP=GROUP_M, GATHER_A=a_idx is not None, GATHER_B=b_idx is not None, DOT_PREC=_dot_prec(a.dtype))
     return dw
 
 
-# SAIL_MOE_FUSED_ROUTE=0: route with torch ops (route_weights_torch) instead of one kernel.
-FUSED_ROUTE = os.environ.get("SAIL_MOE_FUSED_ROUTE", "1") != "0"
-
-
-def route_weights(topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                  num_experts: int) -> tuple[Routing, torch.Tensor, torch.Tensor]:
+def route_weights(topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor, num_experts: int,
+                  opts: KernelConfig) -> tuple[Routing, torch.Tensor, torch.Tensor]:
     """The routing plus what the forward needs from it -> (Routing, scale_M = the routing weight of each
-    sorted row, inv_M = inverse_rows). One torch sort, then one kernel for the rest, in place of ~8 torch
-    launches (H200, A3B 8k: 0.16 ms against 0.23, mostly launch time)."""
-    if not FUSED_ROUTE:
+    sorted row, inv_M = inverse_rows). One torch sort, then one kernel for the rest (`moe_fused_route`;
+    off: route_weights_torch)."""
+    if not opts.moe_fused_route:
         return route_weights_torch(topk_idx_TK, topk_weight_TK, num_experts)
     T, K = topk_idx_TK.shape
     keys_M, perm_M = sort_by_expert(topk_idx_TK, num_experts)
@@ -810,17 +692,15 @@ def route_weights_torch(topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
     return r, topk_weight_TK.reshape(-1).index_select(0, r.perm_M), inverse_rows(r)
 
 
-# SAIL_MOE_GATHER_KERNEL=0: row gathers through index_select instead of _gather_rows_kernel.
-GATHER_KERNEL = os.environ.get("SAIL_MOE_GATHER_KERNEL", "1") != "0"
-# Rows, columns, warps per program: H200, A3B 8k, the best of rows 1-16 x columns 512-2048 x 2-8 warps.
+# Rows, columns, warps per program: the best of a sweep (BENCHMARKS.md, MoE experts fourth run).
 GATHER_BLOCK = (2, 1024, 4)
 
 
-def gather_rows(src_TN: torch.Tensor, idx_M: torch.Tensor) -> torch.Tensor:
-    """src[idx] -> [M, N] (the permute's row gather; index_select on CPU outside the interpreter, and for
-    rows that are not contiguous)."""
+def gather_rows(src_TN: torch.Tensor, idx_M: torch.Tensor, opts: KernelConfig) -> torch.Tensor:
+    """src[idx] -> [M, N] (the permute's row gather; `moe_gather_kernel` off, CPU outside the interpreter and
+    rows that are not contiguous: index_select)."""
     M, N = idx_M.numel(), src_TN.shape[1]
-    if not (GATHER_KERNEL and (src_TN.is_cuda or INTERPRET) and src_TN.stride(1) == 1):
+    if not (opts.moe_gather_kernel and (src_TN.is_cuda or INTERPRET) and src_TN.stride(1) == 1):
         return src_TN.index_select(0, idx_M)
     out = _out((M, N), src_TN.dtype, src_TN.device)
     rows, cols, warps = (4, 16, 1) if INTERPRET else GATHER_BLOCK
@@ -856,20 +736,21 @@ def combine(y_MH: torch.Tensor, T: int, K: int) -> torch.Tensor:
     return y_MH.view(T, K, H).sum(1) if K > 1 else y_MH.view(T, H)
 
 
-def down_fwd(act_MF, w_EFH, r: Routing, scale_M, weight_TK, T: int, K: int, inv_M=None) -> torch.Tensor:
+def down_fwd(act_MF, w_EFH, r: Routing, scale_M, weight_TK, T: int, K: int, opts: KernelConfig,
+             inv_M=None) -> torch.Tensor:
     """Step 2 and the combine -> y_TH (inv_M: inverse_rows(r), when already at hand)."""
-    if USE_GROUPED_MM and r.num_rows and _gmm_ok(act_MF, w_EFH):
+    if opts.moe_grouped_mm and r.num_rows and _gmm_ok(act_MF, w_EFH):
         inv_M = inverse_rows(r) if inv_M is None else inv_M
         return gather_sum(_gmm(act_MF, w_EFH, r), inv_M, T, K, weight_TK.reshape(-1))
-    return combine(grouped_gemm(act_MF, w_EFH, r, T * K, scale_M=scale_M, scatter_out=True), T, K)
+    return combine(grouped_gemm(act_MF, w_EFH, r, T * K, opts, scale_M=scale_M, scatter_out=True), T, K)
 
 
-def gate_up_dgrad(dh_MF2, w_EHF2, r: Routing, T: int, K: int, inv_M=None) -> torch.Tensor:
+def gate_up_dgrad(dh_MF2, w_EHF2, r: Routing, T: int, K: int, opts: KernelConfig, inv_M=None) -> torch.Tensor:
     """Step 4 and its combine -> dx_TH."""
-    if USE_GROUPED_MM and r.num_rows and _gmm_ok(dh_MF2, w_EHF2.transpose(1, 2)):
+    if opts.moe_grouped_mm and r.num_rows and _gmm_ok(dh_MF2, w_EHF2.transpose(1, 2)):
         inv_M = inverse_rows(r) if inv_M is None else inv_M
         return gather_sum(_gmm(dh_MF2, w_EHF2.transpose(1, 2), r), inv_M, T, K)
-    return combine(grouped_gemm(dh_MF2, w_EHF2, r, T * K, transpose_w=True, scatter_out=True), T, K)
+    return combine(grouped_gemm(dh_MF2, w_EHF2, r, T * K, opts, transpose_w=True, scatter_out=True), T, K)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -880,53 +761,57 @@ class MoEExpertsFunction(torch.autograd.Function):
     inverse) and h (the [T*K, 2F] pre-activation); act is recomputed by the backward's first kernel."""
 
     @staticmethod
-    def forward(ctx, x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH):
+    def forward(ctx, x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH, opts: KernelConfig):
         T, K = topk_idx_TK.shape
         E = w_gate_up_EHF2.shape[0]
         x_TH = x_TH.contiguous()
         w_gate_up_EHF2 = w_gate_up_EHF2.contiguous()
         w_down_EFH = w_down_EFH.contiguous()
-        r, scale_M, inv_M = route_weights(topk_idx_TK, topk_weight_TK, E)
+        r, scale_M, inv_M = route_weights(topk_idx_TK, topk_weight_TK, E, opts)
 
-        h_MF2, act_MF = gate_up_fwd(x_TH, w_gate_up_EHF2, r)
-        y_TH = down_fwd(act_MF, w_down_EFH, r, scale_M, topk_weight_TK, T, K, inv_M)
+        h_MF2, act_MF = gate_up_fwd(x_TH, w_gate_up_EHF2, r, opts)
+        y_TH = down_fwd(act_MF, w_down_EFH, r, scale_M, topk_weight_TK, T, K, opts, inv_M)
 
         ctx.save_for_backward(x_TH, w_gate_up_EHF2, w_down_EFH, h_MF2, scale_M, r.offsets_E1, r.pos_M,
                               r.tok_M, r.expert_M, r.perm_M, inv_M)
         ctx.shape = (T, K)
         ctx.weight_dtype = topk_weight_TK.dtype
+        ctx.opts = opts
         return y_TH
 
     @staticmethod
     def backward(ctx, dy_TH):
         x_TH, w_gu, w_dn, h_MF2, scale_M, offsets_E1, pos_M, tok_M, expert_M, perm_M, inv_M = ctx.saved_tensors
         T, K = ctx.shape
+        opts = ctx.opts
         r = Routing(offsets_E1, pos_M, tok_M, expert_M, perm_M)
-        need_x, _, need_w, need_gu, need_dn = ctx.needs_input_grad
+        need_x, _, need_w, need_gu, need_dn, _ = ctx.needs_input_grad
         dy_TH = dy_TH.contiguous().to(x_TH.dtype)
         dy_MH = None
-        if r.num_rows and USE_GROUPED_MM and _gmm_ok(dy_TH):
-            dy_MH = gather_rows(dy_TH, tok_M)
+        if r.num_rows and opts.moe_grouped_mm and _gmm_ok(dy_TH):
+            dy_MH = gather_rows(dy_TH, tok_M, opts)
 
-        dh_MF2, act_s_MF, dscale_M = down_dgrad(dy_TH, w_dn, h_MF2, scale_M, r, dy_MH)
+        dh_MF2, act_s_MF, dscale_M = down_dgrad(dy_TH, w_dn, h_MF2, scale_M, r, opts, dy_MH)
         dx = d_weight = d_gu = d_dn = None
         if need_x:
-            dx = gate_up_dgrad(dh_MF2, w_gu, r, T, K, inv_M)
+            dx = gate_up_dgrad(dh_MF2, w_gu, r, T, K, opts, inv_M)
         if need_w:
             d_weight = torch.empty(T * K, dtype=torch.float32, device=dy_TH.device)
             d_weight[perm_M] = dscale_M
             d_weight = d_weight.view(T, K).to(ctx.weight_dtype)
         if need_gu:
-            d_gu = wgrad(x_TH, dh_MF2, r, w_gu.dtype, a_rows=tok_M)
+            d_gu = wgrad(x_TH, dh_MF2, r, w_gu.dtype, opts, a_rows=tok_M)
         if need_dn:
             if dy_MH is not None:
-                d_dn = wgrad(act_s_MF, dy_MH, r, w_dn.dtype)
+                d_dn = wgrad(act_s_MF, dy_MH, r, w_dn.dtype, opts)
             else:
-                d_dn = wgrad(act_s_MF, dy_TH, r, w_dn.dtype, b_rows=tok_M)
-        return dx, None, d_weight, d_gu, d_dn
+                d_dn = wgrad(act_s_MF, dy_TH, r, w_dn.dtype, opts, b_rows=tok_M)
+        return dx, None, d_weight, d_gu, d_dn, None
 
 
 def moe_experts(x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                w_gate_up_EHF2: torch.Tensor, w_down_EFH: torch.Tensor) -> torch.Tensor:
-    """The OpSet's moe_experts on the Triton kernels (CUDA tensors, or CPU under TRITON_INTERPRET=1)."""
-    return MoEExpertsFunction.apply(x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH)
+                w_gate_up_EHF2: torch.Tensor, w_down_EFH: torch.Tensor,
+                opts: KernelConfig = KernelConfig()) -> torch.Tensor:
+    """The OpSet's moe_experts on the Triton kernels (CUDA tensors, or CPU under TRITON_INTERPRET=1), on the
+    paths `opts` selects."""
+    return MoEExpertsFunction.apply(x_TH, topk_idx_TK, topk_weight_TK, w_gate_up_EHF2, w_down_EFH, opts)

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from sail_dist.config import ModelConfig, PipelineSplit
 from sail_dist.data.batch import PackedBatch
-from sail_dist.model import flops as F
+from sail_dist.model.flops import ALL_MODULES, FlopsByPart, PartFlops, flops_by_part
 from sail_dist.parallel.mesh import ParallelConfigError, check_split
 
 
@@ -39,7 +40,8 @@ from sail_dist.parallel.mesh import ParallelConfigError, check_split
 @dataclass(frozen=True)
 class Workload:
     """The reference micro-batch the cost-based split balances: `tokens` packed LLM tokens in samples of
-    `seqlen` tokens (attention cost), with `tiles` fixed-resolution image tiles going through the ViT."""
+    `seqlen` tokens (attention cost; the last one shorter if `seqlen` does not divide `tokens`), with `tiles`
+    fixed-resolution image tiles going through the ViT."""
 
     tokens: int = 8192
     seqlen: int = 2048
@@ -54,48 +56,14 @@ class Workload:
         tiles = max(1, round(pack_tokens * vision_share / cfg.tokens_per_tile))
         return Workload(tokens=pack_tokens, seqlen=seqlen, tiles=tiles)
 
+    def seqlens(self) -> list[int]:
+        """Lengths of the packed samples."""
+        full, rest = divmod(self.tokens, self.seqlen)
+        return [self.seqlen] * full + ([rest] if rest else [])
 
-def llm_layer_linear_per_token(cfg: ModelConfig, i: int) -> float:
-    """Weight-matmul FLOPs per token of LLM layer i (model/flops.py's per-layer term; MoE: top-k experts)."""
-    llm = cfg.llm
-    D, hd = llm.hidden_size, llm.head_dim
-    attn = 2.0 * D * (llm.num_heads + 2 * llm.num_kv_heads) * hd + 2.0 * llm.num_heads * hd * D
-    if llm.is_moe_layer(i):
-        return attn + 2.0 * D * llm.num_experts + llm.top_k * 6.0 * D * llm.moe_ffn_size
-    return attn + 6.0 * D * llm.ffn_size
-
-
-@dataclass(frozen=True)
-class StageCosts:
-    """Training FLOPs of the reference micro-batch per part: ViT + adapter, each LLM layer, the lm head."""
-
-    vision: float
-    layers: tuple[float, ...]
-    head: float
-
-    @property
-    def total(self) -> float:
-        return self.vision + sum(self.layers) + self.head
-
-
-def stage_costs(cfg: ModelConfig, workload: Workload, trainable=("vit", "adapter", "llm")) -> StageCosts:
-    trainable = set(trainable)
-    patches = cfg.vit.grid ** 2
-    lin = attn = first = 0.0
-    for _ in range(workload.tiles):
-        lp, ap, ep = F.vit_linear_attn(cfg.vit, patches)
-        lin, attn, first = lin + lp, attn + ap, first + ep
-    vision = F._group(lin, attn, "vit" in trainable, grad_input=False, first_input_grad=first).train
-    vision += F._group(workload.tiles * F.adapter_linear(cfg, patches), 0.0, "adapter" in trainable,
-                       grad_input="vit" in trainable).train
-    n_samples = workload.tokens / workload.seqlen
-    per_layer_attn = n_samples * F.llm_attention(cfg.llm, workload.seqlen) / cfg.llm.num_layers
-    llm_trains = "llm" in trainable
-    layers = tuple(F._group(workload.tokens * llm_layer_linear_per_token(cfg, i), per_layer_attn, llm_trains,
-                            grad_input=True).train for i in range(cfg.llm.num_layers))
-    head = F._group(workload.tokens * 2.0 * cfg.llm.hidden_size * cfg.llm.vocab_size, 0.0, llm_trains,
-                    grad_input=True).train
-    return StageCosts(vision, layers, head)
+    def flops(self, cfg: ModelConfig, trainable: Iterable[str] = ALL_MODULES) -> FlopsByPart:
+        """model/flops.py's count of this micro-batch by part (every tile a full `cfg.vit.grid` square)."""
+        return flops_by_part(cfg, self.seqlens(), [cfg.vit.grid ** 2] * self.tiles, trainable)
 
 
 def balance_layers(layer_costs: list[float], n_stages: int, first_extra: float = 0.0, last_extra: float = 0.0
@@ -166,7 +134,7 @@ class PipelinePlan:
     vpp: int
     stages: tuple[StageSpec, ...]
     source: str = "cost"  # "cost" or "explicit"
-    costs: StageCosts | None = field(default=None, compare=False)
+    costs: PartFlops | None = field(default=None, compare=False)  # training FLOPs of the reference micro-batch
 
     def for_rank(self, pp_rank: int) -> list[StageSpec]:
         """This rank's model chunks, in chunk order (what Megatron's interleaved schedule expects)."""
@@ -192,11 +160,11 @@ class PipelinePlan:
 
 
 def plan_pipeline(cfg: ModelConfig, pp: int, vpp: int = 1, split: PipelineSplit | None = None,
-                  trainable=("vit", "adapter", "llm"), workload: Workload | None = None) -> PipelinePlan:
+                  trainable: Iterable[str] = ALL_MODULES, workload: Workload | None = None) -> PipelinePlan:
     """The stage layout: explicit `split` lists when given, else the cost-balanced split."""
     n_virtual = pp * vpp
     split = split or PipelineSplit()
-    costs = stage_costs(cfg, workload or Workload(), trainable)
+    costs = (workload or Workload()).flops(cfg, trainable).train
     if split.vit:
         check_split("vit", split.vit, cfg.vit.num_layers, pp, vpp)
         if split.vit[0] != cfg.vit.num_layers:
@@ -215,8 +183,7 @@ def plan_pipeline(cfg: ModelConfig, pp: int, vpp: int = 1, split: PipelineSplit 
         chunk, pp_rank = divmod(v, pp)
         layers = range(start, start + n)
         first, last = v == 0, v == n_virtual - 1
-        c = sum(costs.layers[i] for i in layers) + (costs.vision if first else 0.0) + (costs.head if last else 0.0)
-        stages.append(StageSpec(v, pp_rank, chunk, layers, first, last, c))
+        stages.append(StageSpec(v, pp_rank, chunk, layers, first, last, costs.select(layers, vision=first, head=last)))
         start += n
     return PipelinePlan(pp, vpp, tuple(stages), source, costs)
 

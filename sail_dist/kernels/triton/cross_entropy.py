@@ -1,4 +1,4 @@
-"""Row kernels of the vocab-chunked linear cross-entropy (kernels/gpu.py, `LinearCrossEntropy`).
+"""Row kernels of the vocab-chunked linear cross-entropy (sail_dist/kernels/gpu.py, `LinearCrossEntropy`).
 
 The lm-head GEMMs stay on cuBLAS; these two kernels do the memory-bound work on each [T, C] block of logits
 (C vocabulary columns) in one pass, reading the logits in their own dtype (bf16) and doing the math in fp32:
@@ -7,18 +7,18 @@ The lm-head GEMMs stay on cuBLAS; these two kernels do the memory-bound work on 
       when that column is in this block (the running log-sum-exp and target logit over vocabulary blocks).
   softmax_grad_(x, labels, v0, lse, g):  x[t] <- (exp(x[t] - lse[t]) - onehot(labels[t]-v0)) * g[t], in place.
 
-Eager torch spends ~6 passes over fp32 copies of the block on the same work. Like kernels/triton/moe.py, the
+Eager torch spends ~6 passes over fp32 copies of the block on the same work. Like sail_dist/kernels/triton/moe.py, the
 kernels run in Triton's CPU interpreter when TRITON_INTERPRET=1 is set before triton is imported (tests).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from sail_dist.kernels.triton import interpreting
+
+INTERPRET = interpreting()  # whether these kernels were defined for the interpreter
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK = 2048
 

@@ -32,7 +32,7 @@ _PLATFORM: str | None = None
 def detect_platform() -> str:
     """"npu" when torch_npu imports and sees an NPU, else "cuda" when CUDA is available, else "cpu".
 
-    torch_npu is only imported when it is installed (never install it off Ascend: platform.md)."""
+    torch_npu is only imported when it is installed (never install it off Ascend: it breaks `import torch` there)."""
     if importlib.util.find_spec("torch_npu") is not None:
         try:
             import torch_npu  # noqa: F401
@@ -127,7 +127,7 @@ class NPUBackend:
         got = (ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(),
                ps.get_expert_model_parallel_rank())
         if got != (me.pp_rank, me.dp_rank, me.ep_rank):
-            raise RuntimeError(f"rank {rank}: Megatron placed it at (pp, dp, ep) = {got}, parallel/mesh.py expected "
+            raise RuntimeError(f"rank {rank}: Megatron placed it at (pp, dp, ep) = {got}, sail_dist/parallel/mesh.py expected "
                                f"{(me.pp_rank, me.dp_rank, me.ep_rank)}; the rank order changed (Megatron version?)")
         self.env = DistEnv(rank=rank, world_size=world, local_rank=local_rank, dp_rank=me.dp_rank,
                            dp_size=self.dims.dp, device=device, device_name=device_name,
@@ -137,10 +137,10 @@ class NPUBackend:
         return self.env
 
     def build(self, cfg: Config, env: DistEnv):
+        if self.dims is None:
+            raise RuntimeError("NPUBackend.build() before setup(): setup prepares the platform Megatron is imported on")
         from sail_dist.backends.npu.engine import MegatronEngine
 
-        if self.dims is None:
-            raise RuntimeError("NPUBackend.build() before setup()")
         return MegatronEngine(cfg, env, self.dims, self.platform)
 
     def teardown(self, clean: bool = True) -> None:

@@ -1,0 +1,53 @@
+"""The model recipe both engines call (torchtitan's `parallelize_fn`): one build order for every backend.
+
+    build (seeded init / train.init_from) -> freeze -> compile -> activation checkpointing -> MoE hooks
+
+Each step is an `apply_*` function applied from outside the model (the model is never forked). Compile comes
+before checkpointing so that the checkpoint wraps the compiled forward (the recompute then runs compiled code).
+What happens after the recipe is the engine's own: the GPU engine hands the model to DeepSpeed; the NPU engine
+swaps in this rank's expert shard (parallel/expert.py) and cuts pipeline stages (parallel/pipeline.py).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from sail_dist.config import Config
+from sail_dist.kernels.opset import OpSet
+from sail_dist.model.build import build_model
+from sail_dist.model.sailvl import SailVL
+from sail_dist.parallel.checkpointing import apply_activation_checkpointing
+from sail_dist.parallel.compile import apply_compile
+from sail_dist.parallel.freeze import apply_freeze
+
+
+def apply_moe_hooks(model: nn.Module, aux_grad_scale: float,
+                    reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None) -> int:
+    """Give every MoE layer the gradient scale of its aux loss and the expert-count reduction over DP.
+
+    `aux_grad_scale` is d(step objective)/d(layer aux loss) per micro-batch and rank as the engine's framework
+    will scale it (each engine derives it in its docstring); returns the number of MoE layers."""
+    moe = model.moe_layers()
+    for m in moe:
+        m.aux_grad_scale = aux_grad_scale
+        m.reduce_counts = reduce_counts
+    return len(moe)
+
+
+def build_train_model(cfg: Config, ops: OpSet, *, aux_grad_scale: Callable[[int], float],
+                      reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[SailVL, dict[str, int]]:
+    """The model as every engine trains it; returns it with its trainable parameter counts per part.
+
+    aux_grad_scale(n_moe_layers) -> the engine's per-layer aux-loss gradient scale (see `apply_moe_hooks`)."""
+    t = cfg.train
+    model = build_model(cfg.model, ops, seed=t.seed, init_from=t.init_from)
+    trainable = apply_freeze(model, t.train_modules)
+    if t.compile:
+        apply_compile(model)
+    apply_activation_checkpointing(model, t.activation_checkpointing.vit, t.activation_checkpointing.llm)
+    n_moe = len(model.moe_layers())
+    if n_moe:
+        apply_moe_hooks(model, aux_grad_scale(n_moe), reduce_counts)
+    return model, trainable
