@@ -108,10 +108,6 @@ class Schedule:
         return imbalance(self.llm_load)
 
     @property
-    def vit_imbalance(self) -> float:
-        return imbalance(self.vit_load)
-
-    @property
     def vision_imbalance(self) -> float:
         return imbalance(self.vision_tokens)
 
@@ -417,13 +413,3 @@ class _Balancer:
             self.l[r] += sign * self.sl[i]
             self.v[r] += sign * self.sv[i]
         self.pack[i] = dst
-
-
-def micro_batch_imbalance(schedule: Schedule, samples: list[SampleCost]) -> float:
-    """Mean over micro-batch slots of max/mean LLM cost across ranks (what a per-micro-batch sync sees)."""
-    M = min(len(r) for r in schedule.ranks)
-    vals = []
-    for m in range(M):
-        vals.append(imbalance([sum(samples[s].llm for s in r[m]) for r in schedule.ranks]))
-    return float(np.mean(vals)) if vals else 1.0
-

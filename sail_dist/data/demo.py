@@ -54,11 +54,6 @@ class DemoPaths:
     tokenizer: str  # directory holding tokenizer.json
 
 
-def demo_token_config() -> TokenConfig:
-    """The special-token ids of the demo tokenizer (set model.tokens to these with data.demo)."""
-    return TokenConfig(**DEMO_TOKENS.__dict__)
-
-
 # ------------------------------------------------------------------------------------------- drawing
 def _font(size: int):
     try:

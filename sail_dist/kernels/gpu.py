@@ -22,6 +22,7 @@ import torch
 
 from sail_dist.config import KernelConfig
 from sail_dist.kernels import reference as ref
+from sail_dist.kernels.linear_cross_entropy import TORCH_ROW_OPS, RowOps, linear_cross_entropy
 from sail_dist.kernels.opset import OpSet
 from sail_dist.kernels.triton import interpreting
 
@@ -193,95 +194,25 @@ _MOE = {"triton": moe_experts_triton, "grouped_mm": moe_experts_grouped_mm, "loo
 
 
 # --------------------------------------------------------------------------------------------------
-# Cross-entropy with the lm-head inside, chunked over the vocabulary
+# Cross-entropy with the lm-head inside (kernels/linear_cross_entropy.py), Triton row kernels on CUDA
 # --------------------------------------------------------------------------------------------------
-_CE_CHUNK_BYTES = 1 << 29  # logits per vocabulary block (512 MiB): 32k columns at 8192 bf16 tokens
-
-
-def _ce_chunk(T: int, V: int, elem_bytes: int, chunk_size: int | None) -> int:
-    if chunk_size is None:
-        chunk_size = max(128, (_CE_CHUNK_BYTES // (elem_bytes * max(T, 1))) // 128 * 128)
-    return max(1, min(V, chunk_size))
-
-
-def _lse_target_torch(x_TC, labels_T, v0, lse_T, tgt_T):
-    xf = x_TC.to(lse_T.dtype)
-    lse_T.copy_(torch.logaddexp(lse_T, torch.logsumexp(xf, dim=-1)))
-    lab = labels_T - v0
-    inside = (lab >= 0) & (lab < x_TC.shape[1])
-    t = xf.gather(1, lab.clamp(0, x_TC.shape[1] - 1)[:, None]).squeeze(1)
-    tgt_T.copy_(torch.where(inside, t, tgt_T))
-
-
-def _softmax_grad_torch(x_TC, labels_T, v0, lse_T, g_T):
-    d = torch.exp(x_TC.to(lse_T.dtype) - lse_T[:, None])
-    lab = labels_T - v0
-    inside = (lab >= 0) & (lab < x_TC.shape[1])
-    d.scatter_add_(1, lab.clamp(0, x_TC.shape[1] - 1)[:, None], -inside.to(d.dtype)[:, None])
-    x_TC.copy_(d * g_T[:, None])
-
-
-def _ce_row_ops(x: torch.Tensor):
+def _ce_row_ops(x: torch.Tensor) -> RowOps:
     """The Triton row kernels on CUDA (or in Triton's interpreter, for tests), else the same math in torch."""
     if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and (x.is_cuda or interpreting()):
         try:
             from sail_dist.kernels.triton import cross_entropy as k
-        except ImportError:  # no triton: the torch version below
+        except ImportError:  # no triton: the torch version
             k = None
         if k is not None and (x.is_cuda or k.INTERPRET):
             return k.lse_target_, k.softmax_grad_
-    return _lse_target_torch, _softmax_grad_torch
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """loss[t] = logsumexp(h[t] @ w^T) - (h[t] @ w^T)[labels[t]]  (0 where labels == -100), fp32 math on the
-    logits, over blocks of C vocabulary columns so that at most one [T, C] block of logits exists.
-
-    Blocking the vocabulary rather than the tokens lets each block's weight gradient be one GEMM written in
-    place (no running fp32 sum over the 311M-element lm-head gradient) while the input gradient, only [T, D],
-    is the one summed over blocks. The forward keeps the per-token logsumexp; the backward recomputes each
-    block's logits (one extra lm-head GEMM) and turns them in place into (softmax - onehot) * dloss."""
-
-    @staticmethod
-    def forward(ctx, h_TD, w_VD, labels_T, chunk_size):
-        T, V = h_TD.shape[0], w_VD.shape[0]
-        cdt = torch.promote_types(h_TD.dtype, torch.float32)
-        C = _ce_chunk(T, V, h_TD.element_size(), chunk_size)
-        lse_T = torch.full((T,), float("-inf"), dtype=cdt, device=h_TD.device)
-        tgt_T = torch.zeros(T, dtype=cdt, device=h_TD.device)
-        lse_target_, _ = _ce_row_ops(h_TD)
-        for v0 in range(0, V, C):
-            lse_target_(h_TD @ w_VD[v0:v0 + C].t(), labels_T, v0, lse_T, tgt_T)
-        valid = labels_T != -100
-        ctx.save_for_backward(h_TD, w_VD, labels_T, lse_T)
-        ctx.chunk = C
-        return torch.where(valid, lse_T - tgt_T, 0.0)
-
-    @staticmethod
-    def backward(ctx, dloss_T):
-        h_TD, w_VD, labels_T, lse_T = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        V, C = w_VD.shape[0], ctx.chunk
-        g_T = torch.where(labels_T != -100, dloss_T.to(lse_T.dtype), 0.0)
-        dh = torch.zeros(h_TD.shape, dtype=lse_T.dtype, device=h_TD.device) if need_h else None
-        dw = torch.empty_like(w_VD) if need_w else None
-        _, softmax_grad_ = _ce_row_ops(h_TD)
-        for v0 in range(0, V, C):
-            w_CD = w_VD[v0:v0 + C]
-            d_TC = h_TD @ w_CD.t()
-            softmax_grad_(d_TC, labels_T, v0, lse_T, g_T)  # logits -> d loss / d logits, in place
-            if need_h:
-                dh += d_TC @ w_CD
-            if need_w:
-                torch.mm(d_TC.t(), h_TD, out=dw[v0:v0 + C])
-        return (dh.to(h_TD.dtype) if need_h else None), dw, None, None
+    return TORCH_ROW_OPS
 
 
 def cross_entropy(h_TD: torch.Tensor, w_VD: torch.Tensor, labels_T: torch.Tensor,
                   chunk_size: int | None = None) -> torch.Tensor:
-    """Per-token fp32 loss [T] of the lm-head projection h @ w^T (see LinearCrossEntropy); `chunk_size` is
-    the vocabulary block width (default: a 512 MiB block of logits)."""
-    return LinearCrossEntropy.apply(h_TD, w_VD, labels_T, chunk_size)
+    """Per-token fp32 loss [T] of the lm-head projection h @ w^T in vocabulary blocks (`chunk_size` wide;
+    default: a 512 MiB block of logits); no -100 compaction, which would cost a host sync per call."""
+    return linear_cross_entropy(h_TD, w_VD, labels_T, row_ops=_ce_row_ops(h_TD), vocab_chunk=chunk_size)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -38,12 +38,6 @@ class SailVL(nn.Module):
             m.aux_grad_scale = cfg.llm.aux_loss_coeff / len(moe)
 
     # ---------------------------------------------------------------------------------------------
-    def set_ops(self, ops: OpSet) -> None:
-        """Swap the kernel implementation set everywhere (e.g. reference -> gpu)."""
-        for m in self.modules():
-            if hasattr(m, "ops"):
-                m.ops = ops
-
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 

@@ -10,7 +10,6 @@ import json
 import os
 import sys
 
-import torch
 
 from dist.toy_objective import add_toy_extras  # also registers train.objective=toy
 from sail_dist.config import Config, load_config

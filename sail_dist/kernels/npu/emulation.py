@@ -1,26 +1,25 @@
 """Pure-PyTorch emulation of the torch_npu fused ops the NPU backend calls.
 
 Every function here has the name, signature (argument names, keyword-only markers, defaults), output
-dtypes, shapes and index conventions of its torch_npu counterpart, so `kernels/npu/ops.py` runs the very
-same code on `torch_npu` (an Ascend machine) or on this module (CPU / CUDA, CI). The spec is
-`shared/reference/npu.md` section 1 (op-plugin CPU goldens, meta registrations, docstrings); section
-numbers below refer to it. torch_npu is never imported here.
+dtypes, shapes and index conventions of its torch_npu counterpart, so `sail_dist/kernels/npu/ops.py` runs the very
+same code on `torch_npu` (an Ascend machine) or on this module (CPU / CUDA, CI). The spec is torch_npu's own
+documentation of each op: the Ascend/op-plugin repository's docstrings, CPU golden implementations and meta
+registrations. torch_npu is never imported here. Only the ops ops.py calls are emulated (not the inference-only
+gating / init_routing / finalize_routing / compute_expert_tokens family: the training path uses token permute /
+unpermute instead).
 
 Emulation fidelity
 ------------------
 Exact (same values, up to floating-point summation order):
   * every index convention and integer output: token permute/unpermute (`sorted_indices` is the
-    *inverse* of Megatron's, token-major `t*K + j`), gating `row_idx[i, j] = j*N + i` (slot-major),
-    init_routing V1 (slot-major, indexed by the row_idx value) vs V2 (token-major), finalize_routing
-    drop_pad_mode 0/1 (slot-major) vs 2/3 (token-major), compute_expert_tokens (cumulative counts),
-    grouped-matmul `group_list` (type 0 cumulative ends, type 1 counts), fusion-attention
-    `actual_seq_qlen/kvlen` (cumulative ends, no leading 0); stable sorts, top-k ties to the lower id;
-    int32 index outputs, int64 init_routing_v2 token counts.
+    *inverse* of Megatron's, token-major `t*K + j`), grouped-matmul `group_list` (type 0 cumulative
+    ends, type 1 counts), fusion-attention `actual_seq_qlen/kvlen` (cumulative ends, no leading 0);
+    stable sorts; int32 index outputs.
   * fp32 math (and fp64, below): results equal the op-plugin goldens / the reference OpSet up to
     summation order (~1e-7 relative in fp32).
 Approximate:
   * bf16/fp16 rounding order. The emulation computes in fp32 and rounds once at the end. That is the
-    golden for rms_norm (fp32 `x * rstd * gamma`, then cast), gating softmax, grouped matmul (fp32
+    golden for rms_norm (fp32 `x * rstd * gamma`, then cast) and grouped matmul (fp32
     accumulation) and is assumed for swiglu/rotary_mul/unpermute. npu_fusion_attention is a tiled
     FlashAttention kernel: it rounds the probabilities to bf16/fp16 before the P @ V matmul and
     rescales partial sums online; the emulation does an exact two-pass fp32 softmax, so bf16 outputs
@@ -32,27 +31,24 @@ Approximate:
     `[B, N, S, 8]` otherwise. They are informational here (only the NPU's own backward consumes them).
     Fully-masked rows are invalid input on NPU ("no all-masked rows"); the emulation returns output 0,
     max -inf, sum 0 for them. `seed`, `offset`, `numels` are 0 (no dropout).
-  * Rows the NPU leaves undefined are zero here: grouped-matmul rows past the last group end,
-    init_routing_v2 rows past the valid count, expanded_scale when no scale is given.
+  * Rows the NPU leaves undefined are zero here: grouped-matmul rows past the last group end.
 Not emulated (raise NotImplementedError rather than compute something else): dropout
 (`keep_prob < 1`, the NPU RNG cannot be reproduced), sparse_mode 4..8, `prefix`, `sink`,
-`padding_mask`, an explicit full mask with TND, quantised routing / grouped matmul, `padded_mode`,
+`padding_mask`, an explicit full mask with TND, quantised grouped matmul, `padded_mode`,
 rotary `rotate`.
 Extensions: fp64 inputs are accepted (torch_npu has no fp64 kernels) so tests can check gradients in
 double precision; everything else that torch_npu rejects or documents as invalid raises here too
-(unsorted compute_expert_tokens input, non-int64 group_list tensors, non-cumulative or tensor
-`actual_seq_*`, more than 1024 varlen sequences, a compressed causal mask that is not the 2048x2048
-`triu(ones, 1)`), so CI catches what would fail on Ascend.
+(non-int64 group_list tensors, non-cumulative or tensor `actual_seq_*`, more than 1024 varlen sequences,
+a compressed causal mask that is not the 2048x2048 `triu(ones, 1)`), so CI catches what would fail on
+Ascend.
 
-Autograd follows op-plugin's derivatives.yaml (section 1.0): fusion_attention (q, k, v, pse),
+Autograd follows op-plugin's derivatives.yaml: fusion_attention (q, k, v, pse),
 rms_norm (x, gamma; rstd is not differentiable), rotary_mul (x, r1, r2), swiglu, token_permute
-(tokens) and token_unpermute (permuted_tokens, probs) are differentiable; grouped_matmul, gating,
-init_routing (V1/V2), finalize_routing and compute_expert_tokens have no derivative on NPU. On NPU,
-autograd's fallback for such ops warns at backward time and produces no gradient; here they run under
-`torch.no_grad()` (outputs detached) and emit `NpuNoAutogradWarning` when called on tensors that
-require grad with grad mode on. Code that needs their gradients must wrap them in its own
-`autograd.Function` (as ops.py does for grouped matmul, section 1.4), and fails here as on NPU
-otherwise.
+(tokens) and token_unpermute (permuted_tokens, probs) are differentiable; grouped_matmul has no
+derivative on NPU. There, autograd's fallback for it warns at backward time and produces no gradient;
+here it runs under `torch.no_grad()` (outputs detached) and emits `NpuNoAutogradWarning` when called on
+tensors that require grad with grad mode on. Code that needs its gradients must wrap it in its own
+`autograd.Function` (as ops.py does), and fails here as on NPU otherwise.
 """
 from __future__ import annotations
 
@@ -67,11 +63,6 @@ __all__ = [
     "NpuNoAutogradWarning",
     "npu_fusion_attention",
     "npu_grouped_matmul",
-    "npu_moe_compute_expert_tokens",
-    "npu_moe_finalize_routing",
-    "npu_moe_gating_top_k_softmax",
-    "npu_moe_init_routing",
-    "npu_moe_init_routing_v2",
     "npu_moe_token_permute",
     "npu_moe_token_unpermute",
     "npu_rms_norm",
@@ -79,7 +70,6 @@ __all__ = [
     "npu_swiglu",
 ]
 
-_INT32_MAX = 2**31 - 1
 _COMPRESSED_MASK_SIZE = 2048  # sparse_mode 2/3/4 take this optimised triu mask, whatever the lengths
 _MAX_VARLEN_SEQUENCES = 1024  # torch_npu docstring: "max 1K in varlen"
 _MAX_TOKEN_PERMUTE_TOPK = 512
@@ -144,12 +134,12 @@ def _check_index_dtype(name: str, tensor: torch.Tensor, allowed=(torch.int32,)) 
 
 
 def _gather_rows(rows_RH: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`rows_RH[index]` (differentiable), where an index that is -1 (dropped) or past the end of a
-    truncated tensor yields a zero row. Shape `[*index.shape, H]`."""
+    """`rows_RH[index]` (differentiable), where an index past the end of a truncated tensor (a copy cut off
+    by the permute's `num_out_tokens`) yields a zero row. Shape `[*index.shape, H]`."""
     hidden = rows_RH.shape[-1]
-    if rows_RH.shape[0] == 0 and index.numel() > 0:  # nothing to gather from (every copy was dropped)
+    if rows_RH.shape[0] == 0 and index.numel() > 0:  # nothing to gather from (every copy was cut off)
         return rows_RH.new_zeros(*index.shape, hidden)
-    valid = (index >= 0) & (index < rows_RH.shape[0])
+    valid = index < rows_RH.shape[0]
     gathered = rows_RH.index_select(0, torch.where(valid, index, 0).reshape(-1)).view(*index.shape, hidden)
     return torch.where(valid.unsqueeze(-1), gathered, gathered.new_zeros(()))
 
@@ -234,250 +224,6 @@ def npu_moe_token_unpermute(permuted_tokens: torch.Tensor, sorted_indices: torch
 
 
 # ---------------------------------------------------------------------------------------------------
-# 1.1 gating, 1.2/1.3 init_routing, 1.5 finalize_routing, 1.7 compute_expert_tokens (no autograd)
-# ---------------------------------------------------------------------------------------------------
-
-
-@_no_autograd
-def npu_moe_gating_top_k_softmax(x: torch.Tensor, finished: Optional[torch.Tensor] = None,
-                                 k: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 softmax over experts, then top-k. Returns `(y, expert_idx, row_idx)`, each `[..., k]`.
-
-    y: the top-k probabilities in descending order, dtype of x. expert_idx: int32; ties go to the
-    lower expert id (the golden is a stable argsort of -softmax); rows with `finished=True` get id E
-    in every slot. row_idx: int32, `row_idx[i, j] = j*N + i` (slot-major), the source-row id that
-    `npu_moe_init_routing` (V1) consumes. A 3-D x `[B, S, E]` is numbered over its N = B*S rows.
-    """
-    if x.dim() not in (2, 3):
-        raise ValueError(f"x must be [N, E] or [B, S, E], got shape {tuple(x.shape)}")
-    num_experts = x.shape[-1]
-    if not 0 < k <= min(num_experts, 1024):
-        raise ValueError(f"k must be in (0, min(E={num_experts}, 1024)], got {k}")
-    logits_NE = x.reshape(-1, num_experts)
-    num_rows = logits_NE.shape[0]
-    probs_NE = torch.softmax(logits_NE.to(_compute_dtype(x.dtype)), dim=-1)
-    # Golden: argsort(-softmax, stable) -> descending values, equal values keep ascending expert id.
-    expert_idx_NK = torch.argsort(-probs_NE, dim=-1, stable=True)[:, :k]
-    y_NK = probs_NE.gather(-1, expert_idx_NK).to(x.dtype)
-    if finished is not None:
-        if finished.dtype != torch.bool or finished.shape != x.shape[:-1]:
-            raise ValueError(f"finished must be bool of shape {tuple(x.shape[:-1])}, "
-                             f"got {finished.dtype} {tuple(finished.shape)}")
-        expert_idx_NK = torch.where(finished.reshape(-1, 1), num_experts, expert_idx_NK)
-    row_idx_NK = torch.arange(num_rows * k, device=x.device, dtype=torch.int32).view(k, num_rows).t()
-    out_shape = (*x.shape[:-1], k)
-    return (y_NK.reshape(out_shape), expert_idx_NK.to(torch.int32).reshape(out_shape),
-            row_idx_NK.reshape(out_shape))
-
-
-@_no_autograd
-def npu_moe_init_routing(x: torch.Tensor, row_idx: torch.Tensor, expert_idx: torch.Tensor,
-                         active_num: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """V1 routing: sort the N*K (token, slot) copies by expert.
-
-    x `[N, H]`; row_idx, expert_idx `[N, K]` int32 (row_idx as produced by the gating op). Returns
-    `expanded_x [min(N, active_num)*K, H]` (rows expert-major, ascending token inside an expert),
-    `expanded_row_idx [N*K]` int32 indexed by the row_idx VALUE (with the gating row_idx: entry
-    `j*N + i` is the destination row of token i, slot j: slot-major), and the sorted
-    `expanded_expert_idx [N*K]` int32.
-    """
-    if x.dim() != 2:
-        raise ValueError(f"x must be [N, H], got shape {tuple(x.shape)}")
-    _check_index_dtype("row_idx", row_idx)
-    _check_index_dtype("expert_idx", expert_idx)
-    if expert_idx.dim() != 2 or row_idx.shape != expert_idx.shape or expert_idx.shape[0] != x.shape[0]:
-        raise ValueError(f"row_idx and expert_idx must both be [N, K] with N = {x.shape[0]}, "
-                         f"got {tuple(row_idx.shape)} and {tuple(expert_idx.shape)}")
-    num_rows, topk = expert_idx.shape
-    num_copies = num_rows * topk
-    flat_row = row_idx.reshape(-1).long()
-    if not torch.equal(torch.sort(flat_row).values, torch.arange(num_copies, device=x.device)):
-        raise ValueError("row_idx must be a permutation of 0..N*K-1 (e.g. the gating op's row_idx)")
-
-    order = torch.argsort(expert_idx.reshape(-1), stable=True)  # token-major flat -> stable by expert
-    expanded_expert_idx = expert_idx.reshape(-1)[order].to(torch.int32)
-    dst_to_src = flat_row[order]  # destination row -> source row id (a row_idx value)
-    expanded_row_idx = _inverse_permutation(dst_to_src).to(torch.int32)
-    num_kept = max(min(num_rows, active_num), 0) * topk
-    # The source row id is slot-major (j*N + i), so its token is id % N.
-    expanded_x = x.index_select(0, dst_to_src[:num_kept] % num_rows)
-    return expanded_x, expanded_row_idx, expanded_expert_idx
-
-
-@_no_autograd
-def npu_moe_init_routing_v2(x: torch.Tensor, expert_idx: torch.Tensor, *, scale: Optional[torch.Tensor] = None,
-                            offset: Optional[torch.Tensor] = None, active_num: int = -1,
-                            expert_capacity: int = -1, expert_num: int = -1, drop_pad_mode: int = 0,
-                            expert_tokens_num_type: int = 0, expert_tokens_num_flag: bool = False,
-                            quant_mode: int = -1, active_expert_range: Sequence[int] = [],  # noqa: B006 (torch_npu's default; never mutated)
-                            row_idx_type: int = 0, x_dtype: Optional[torch.dtype] = None
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """V2 routing (no row_idx input; flat index is token-major `i*K + j`, rows come from `x[flat // K]`).
-
-    Returns `(expanded_x, expanded_row_idx, expert_token_cumsum_or_count, expanded_scale)`:
-      * expanded_x: dropless (drop_pad_mode 0) `[N*K if active_num <= 0 else min(active_num, N*K), H]`,
-        valid rows first (zeros after); drop/pad (1) `[expert_num, expert_capacity, H]`, each expert keeps
-        its first `expert_capacity` copies in stable order, padding rows are 0.
-      * expanded_row_idx int32 `[N*K]`: row_idx_type 0 = source flat index -> destination row (-1 for
-        copies routed outside active_expert_range or dropped; `e*C + pos` in drop/pad mode);
-        row_idx_type 1 = destination row -> source flat index (the sort order).
-      * token counts int64 (only when expert_tokens_num_flag): type 0 cumsum `[e - s]`, 1 counts `[e - s]`,
-        2 `(expert_id, count)` pairs of non-empty experts then a `(0, 0)` terminator, `[expert_num, 2]`.
-        In drop/pad mode they are the per-expert counts before the capacity cut (golden; unverified).
-      * expanded_scale float32: `scale[token]` per expanded row if scale is given, else zeros.
-    """
-    if quant_mode != -1 or offset is not None or x_dtype is not None:
-        raise NotImplementedError("quantised init_routing_v2 (quant_mode != -1, offset, x_dtype) is not emulated")
-    if x.dim() != 2 or expert_idx.dim() != 2 or expert_idx.shape[0] != x.shape[0]:
-        raise ValueError(f"x must be [N, H] and expert_idx [N, K], got {tuple(x.shape)} and {tuple(expert_idx.shape)}")
-    _check_index_dtype("expert_idx", expert_idx)
-    if drop_pad_mode not in (0, 1) or expert_tokens_num_type not in (0, 1, 2) or row_idx_type not in (0, 1):
-        raise ValueError("drop_pad_mode must be 0/1, expert_tokens_num_type 0/1/2 and row_idx_type 0/1")
-    num_rows, topk = expert_idx.shape
-    num_copies, hidden = num_rows * topk, x.shape[1]
-    device = x.device
-
-    if active_expert_range:
-        if len(active_expert_range) != 2 or not 0 <= active_expert_range[0] < active_expert_range[1] <= 10240:
-            raise ValueError(f"active_expert_range must be [start, end) within [0, 10240], got {active_expert_range}")
-        start, end = int(active_expert_range[0]), int(active_expert_range[1])
-    else:
-        start, end = 0, (expert_num if expert_num > 0 else None)
-    if end is None and (expert_tokens_num_flag or drop_pad_mode == 1):
-        raise ValueError("expert_num (or active_expert_range) is required for token counts and drop/pad mode")
-
-    flat_expert = expert_idx.reshape(-1).long()
-    valid = flat_expert >= start if end is None else (flat_expert >= start) & (flat_expert < end)
-    num_valid = int(valid.sum())
-    # Golden: ids below the range are pushed to the very end (key INT32_MAX); ids at or above `end`
-    # already sort after every valid id by value.
-    order = torch.argsort(torch.where(flat_expert < start, _INT32_MAX, flat_expert), stable=True)
-
-    if drop_pad_mode == 0:
-        if row_idx_type == 0:
-            expanded_row_idx = torch.full((num_copies,), -1, dtype=torch.long, device=device)
-            expanded_row_idx[order[:num_valid]] = torch.arange(num_valid, device=device)
-        else:
-            expanded_row_idx = order
-        num_out = num_copies if active_num <= 0 else min(active_num, num_copies)
-        num_filled = min(num_out, num_valid)
-        row_src_flat = torch.full((num_out,), -1, dtype=torch.long, device=device)
-        row_src_flat[:num_filled] = order[:num_filled]
-        expanded_x = _gather_rows(x, torch.where(row_src_flat >= 0, row_src_flat // topk, -1))
-    else:
-        if row_idx_type != 0:
-            raise ValueError("drop/pad mode supports row_idx_type=0 only")
-        if expert_num <= 0 or expert_capacity <= 0:
-            raise ValueError("drop/pad mode needs expert_num > 0 and expert_capacity > 0")
-        if (start, end) != (0, expert_num):
-            raise NotImplementedError("drop/pad mode with a partial active_expert_range is not emulated")
-        capacity = expert_capacity
-        sorted_expert = flat_expert[order]
-        counts_E = torch.bincount(flat_expert[valid], minlength=expert_num)
-        expert_start_E = torch.cumsum(counts_E, 0) - counts_E
-        # Position of each sorted copy inside its expert (valid copies are the first num_valid sorted).
-        pos = torch.arange(num_copies, device=device) - expert_start_E[sorted_expert.clamp(0, expert_num - 1)]
-        keep = (torch.arange(num_copies, device=device) < num_valid) & (pos < capacity)
-        dst = sorted_expert * capacity + pos
-        expanded_row_idx = torch.full((num_copies,), -1, dtype=torch.long, device=device)
-        expanded_row_idx[order[keep]] = dst[keep]
-        row_src_flat = torch.full((expert_num * capacity,), -1, dtype=torch.long, device=device)
-        row_src_flat[dst[keep]] = order[keep]
-        expanded_x = _gather_rows(x, torch.where(row_src_flat >= 0, row_src_flat // topk, -1))
-        expanded_x = expanded_x.view(expert_num, capacity, hidden)
-
-    if expert_tokens_num_flag:
-        counts = torch.bincount(flat_expert[valid] - start, minlength=end - start)
-        if drop_pad_mode == 1 or expert_tokens_num_type == 1:
-            tokens = counts
-        elif expert_tokens_num_type == 0:
-            tokens = torch.cumsum(counts, 0)
-        else:
-            num_pairs = expert_num if expert_num > 0 else end - start
-            nonempty = torch.nonzero(counts).squeeze(1)
-            tokens = torch.zeros(num_pairs, 2, dtype=torch.long, device=device)
-            tokens[: nonempty.numel(), 0] = nonempty + start
-            tokens[: nonempty.numel(), 1] = counts[nonempty]  # the rest, from the terminator on, is (0, 0)
-        tokens = tokens.to(torch.int64)
-    else:
-        tokens = torch.zeros((), dtype=torch.int64, device=device)  # meta: an empty shape
-
-    row_token = torch.where(row_src_flat >= 0, row_src_flat // topk, -1)
-    if scale is not None:
-        expanded_scale = torch.where(row_token >= 0, scale.float()[row_token.clamp(min=0)], 0.0)
-    else:
-        expanded_scale = torch.zeros(row_token.shape, dtype=torch.float32, device=device)
-    return expanded_x, expanded_row_idx.to(torch.int32), tokens, expanded_scale
-
-
-@_no_autograd
-def npu_moe_finalize_routing(expanded_permuted_rows: torch.Tensor, skip1: Optional[torch.Tensor],
-                             skip2: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                             scales: Optional[torch.Tensor], expanded_src_to_dst_row: torch.Tensor,
-                             export_for_source_row: Optional[torch.Tensor], drop_pad_mode: int = 0,
-                             k: int = 1) -> torch.Tensor:
-    """Combine expert outputs back per token.
-
-    `out[i] = skip1[i] + skip2[i] + sum_j scales[i, j] * (rows[idx(i, j)] + bias[expert_ids[i, j]])`,
-    `[N, H]` in the dtype of the rows (`[R, H]`, or `[E, C, H]` in drop/pad modes). The index layout of
-    `expanded_src_to_dst_row` depends on drop_pad_mode: 0 (dropless) and 1 (drop/pad) are slot-major,
-    `idx = src_to_dst[j*N + i]` (matches V1 init_routing); 2 (dropless) and 3 (drop/pad) are
-    token-major, `idx = src_to_dst[i*K + j]` (matches init_routing_v2). `idx = -1` (dropped) gives a zero
-    row (the bias is still added, as in the golden). K = scales.shape[1], or `k` when scales is None.
-    """
-    if drop_pad_mode not in (0, 1, 2, 3):
-        raise ValueError(f"drop_pad_mode must be 0..3, got {drop_pad_mode}")
-    if skip2 is not None and skip1 is None:
-        raise ValueError("skip2 requires skip1")
-    if bias is not None and export_for_source_row is None:
-        raise ValueError("bias requires export_for_source_row (the expert id of each copy)")
-    _check_index_dtype("expanded_src_to_dst_row", expanded_src_to_dst_row)
-    topk = scales.shape[1] if scales is not None else k
-    num_copies = expanded_src_to_dst_row.numel()
-    if topk <= 0 or num_copies % topk:
-        raise ValueError(f"expanded_src_to_dst_row has {num_copies} entries, not a multiple of K={topk}")
-    num_rows = num_copies // topk
-    hidden = expanded_permuted_rows.shape[-1]
-    rows_RH = expanded_permuted_rows.reshape(-1, hidden)
-
-    src_to_dst = expanded_src_to_dst_row.long()
-    if drop_pad_mode in (0, 1):
-        dst_NK = src_to_dst.view(topk, num_rows).t()  # slot-major: entry j*N + i
-    else:
-        dst_NK = src_to_dst.view(num_rows, topk)  # token-major: entry i*K + j
-    compute_dtype = _compute_dtype(expanded_permuted_rows.dtype)
-    copies_NKH = _gather_rows(rows_RH, dst_NK).to(compute_dtype)
-    if bias is not None:
-        copies_NKH = copies_NKH + bias.to(compute_dtype)[export_for_source_row.reshape(num_rows, topk).long()]
-    if scales is not None:
-        copies_NKH = copies_NKH * scales.to(compute_dtype).unsqueeze(-1)
-    out_NH = copies_NKH.sum(dim=1)
-    for skip in (skip1, skip2):
-        if skip is not None:
-            out_NH = out_NH + skip.to(compute_dtype)
-    return out_NH.to(expanded_permuted_rows.dtype)
-
-
-@_no_autograd
-def npu_moe_compute_expert_tokens(sorted_expert_for_source_row: torch.Tensor, num_expert: int) -> torch.Tensor:
-    """Cumulative counts of sorted expert ids: `out[e] = #rows with id <= e`, `[num_expert]` int32.
-
-    The kernel binary-searches the last row of each expert, so the input must be sorted (checked here).
-    `out.to(torch.int64)` is directly a `group_list` for grouped matmul with group_list_type 0.
-    """
-    ids = sorted_expert_for_source_row
-    _check_index_dtype("sorted_expert_for_source_row", ids)
-    if ids.dim() != 1:
-        raise ValueError(f"sorted_expert_for_source_row must be 1-D, got shape {tuple(ids.shape)}")
-    if not 0 < num_expert <= 2048:
-        raise ValueError(f"num_expert must be in (0, 2048], got {num_expert}")
-    if ids.numel() > 1 and bool((ids[1:] < ids[:-1]).any()):
-        raise ValueError("sorted_expert_for_source_row must be sorted (non-decreasing)")
-    bounds = torch.arange(num_expert, device=ids.device, dtype=ids.dtype)
-    return torch.searchsorted(ids.contiguous(), bounds, right=True).to(torch.int32)
-
-
-# ---------------------------------------------------------------------------------------------------
 # 1.4 grouped matmul (no autograd)
 # ---------------------------------------------------------------------------------------------------
 
@@ -518,7 +264,7 @@ def npu_grouped_matmul(x: Sequence[torch.Tensor], weight: Sequence[torch.Tensor]
                        activation_quant_scale=None, activation_quant_offset=None, split_item: int = 0,
                        group_type: Optional[int] = None, group_list_type: int = 0, act_type: int = 0,
                        output_dtype: Optional[torch.dtype] = None, tuning_config=None) -> list[torch.Tensor]:
-    """Grouped matmul (no autograd on NPU). The training forms (npu.md 1.4):
+    """Grouped matmul (no autograd on NPU). The training forms (those MindSpeed's `npu_gmm` uses):
 
       * group_type 0, rows grouped: `gmm([x[M,K]], [W[E,K,N]], group_list, split_item=2|3)` -> `[y[M,N]]`,
         rows `[start_e, end_e)` times `W[e]` (rows must already be sorted by expert); the weight may be a

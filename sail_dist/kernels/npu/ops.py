@@ -1,11 +1,11 @@
 """The NPU OpSet: the model's hot ops as torch_npu fused kernels.
 
 One implementation, two op providers: `opset()` runs it on the real `torch_npu` (an Ascend machine with
-CANN), `emulated_opset()` runs the very same code on `kernels/npu/emulation.py`, a pure-PyTorch copy of
+CANN), `emulated_opset()` runs the very same code on `sail_dist/kernels/npu/emulation.py`, a pure-PyTorch copy of
 those ops with identical signatures and index conventions (what CI and the CPU/CUDA runs of the NPU
 backend use). This is the only file that imports torch_npu.
 
-The ops, and the conventions converted at each call site (shared/reference/npu.md section 1):
+The ops (semantics: torch_npu's op documentation, Ascend/op-plugin), and the conventions converted at each call site:
   attention     npu_fusion_attention, layout TND. Our cu_seqlens `[S+1]` starts with 0; torch_npu wants
                 cumulative END offsets without it, as a host list -> `cu_seqlens[1:].tolist()`. The
                 scale defaults to 1.0 there, so 1/sqrt(D) is passed explicitly; causal = the compressed
@@ -18,7 +18,9 @@ The ops, and the conventions converted at each call site (shared/reference/npu.m
                 because torch_npu's gmm has no autograd) -> npu_swiglu -> npu_grouped_matmul ->
                 npu_moe_token_unpermute weighted by topk_weight: the permute/unpermute family the Ascend
                 training stacks use (MindSpeed / MindSpeed-MM), not the inference-only init/finalize ops.
-  cross_entropy logits by matmul, then fp32 cross entropy (torch_npu has no fused op we need).
+  cross_entropy the lm head inside the op (kernels/linear_cross_entropy.py, shared with the GPU OpSet): tiles
+                of at most 512 MiB of fp32 logits, never [T, V], -100 rows skipped; plain torch ops, so the
+                real path and the emulation run the same code.
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ from types import ModuleType
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from sail_dist.kernels.linear_cross_entropy import linear_cross_entropy
 from sail_dist.kernels.opset import OpSet
 
 # MindSpeed's packed-sequence causal mask: always 2048 x 2048, True above the diagonal (= masked).
@@ -53,7 +55,7 @@ class GroupedMatmul(torch.autograd.Function):
 
     x rows must be sorted by group; `group_list` is an int64 tensor, cumulative end offsets
     (group_list_type 0, MindSpeed's `npu_gmm`) or per-group counts (type 1, `npu_gmm_v2` / MindSpeed-MM).
-    Backward, as MindSpeed does it (npu.md 1.4):
+    Backward, as MindSpeed's `npu_gmm` does it:
       dx = gmm([dy], [w.transpose(1, 2)], group_type=0)       rows grouped, transposed weight view
       dW = gmm([x.T], [dy], group_type=2, split_item=3)       contraction grouped -> [E, K, N]
     `npu` is torch_npu or the emulation module; it is looked up at call time.
@@ -86,11 +88,17 @@ class GroupedMatmul(torch.autograd.Function):
 class _NpuOps:
     """The OpSet callables, bound to one op provider (torch_npu or the emulation)."""
 
-    def __init__(self, npu: ModuleType, group_list_type: int = 0):
+    def __init__(self, npu: ModuleType, group_list_type: int = 0, ce_vocab_chunk: int | None = None,
+                 ce_token_chunk: int | None = None):
         if group_list_type not in (0, 1):
             raise ValueError(f"group_list_type must be 0 (cumulative offsets) or 1 (counts), got {group_list_type}")
+        for name, value in (("ce_vocab_chunk", ce_vocab_chunk), ("ce_token_chunk", ce_token_chunk)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive int or None (automatic), got {value}")
         self.npu = npu
         self.group_list_type = group_list_type
+        self.ce_vocab_chunk = ce_vocab_chunk
+        self.ce_token_chunk = ce_token_chunk
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                   max_seqlen: int, causal: bool) -> torch.Tensor:
@@ -145,12 +153,15 @@ class _NpuOps:
         return npu.npu_moe_token_unpermute(y_TKH, sorted_indices, probs=topk_weight)
 
     def cross_entropy(self, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = (h @ w.t()).to(torch.promote_types(h.dtype, torch.float32))
-        return F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+        # Torch row ops: plain torch on the NPU as in the emulation; -100 rows skipped (the sync is cheap next to
+        # the attention's per-layer cu_seqlens read).
+        return linear_cross_entropy(h, w, labels, vocab_chunk=self.ce_vocab_chunk, token_chunk=self.ce_token_chunk,
+                                    skip_ignored=True)
 
 
-def _build(name: str, npu: ModuleType, group_list_type: int) -> OpSet:
-    ops = _NpuOps(npu, group_list_type)
+def _build(name: str, npu: ModuleType, group_list_type: int, ce_vocab_chunk: int | None,
+           ce_token_chunk: int | None) -> OpSet:
+    ops = _NpuOps(npu, group_list_type, ce_vocab_chunk, ce_token_chunk)
     return OpSet(name, attention=ops.attention, rms_norm=ops.rms_norm, rope=ops.rope, swiglu=ops.swiglu,
                  moe_experts=ops.moe_experts, cross_entropy=ops.cross_entropy)
 
@@ -167,13 +178,15 @@ def _import_torch_npu() -> Any:
     return torch_npu
 
 
-def opset(group_list_type: int = 0) -> OpSet:
-    """The OpSet on real torch_npu. group_list_type: 0 = cumulative offsets (MindSpeed), 1 = counts."""
-    return _build("npu", _import_torch_npu(), group_list_type)
+def opset(group_list_type: int = 0, ce_vocab_chunk: int | None = None, ce_token_chunk: int | None = None) -> OpSet:
+    """The OpSet on real torch_npu. group_list_type: 0 = cumulative offsets (MindSpeed), 1 = counts.
+    ce_vocab_chunk / ce_token_chunk: the cross-entropy's tile (None = automatic, see `LinearCrossEntropy`)."""
+    return _build("npu", _import_torch_npu(), group_list_type, ce_vocab_chunk, ce_token_chunk)
 
 
-def emulated_opset(group_list_type: int = 0) -> OpSet:
+def emulated_opset(group_list_type: int = 0, ce_vocab_chunk: int | None = None,
+                   ce_token_chunk: int | None = None) -> OpSet:
     """The same OpSet on the pure-PyTorch emulation of the torch_npu ops (CPU / CUDA)."""
     from sail_dist.kernels.npu import emulation
 
-    return _build("npu_emulated", emulation, group_list_type)
+    return _build("npu_emulated", emulation, group_list_type, ce_vocab_chunk, ce_token_chunk)

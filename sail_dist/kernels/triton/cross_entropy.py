@@ -19,7 +19,6 @@ import triton.language as tl
 from sail_dist.kernels.triton import interpreting
 
 INTERPRET = interpreting()  # whether these kernels were defined for the interpreter
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK = 2048
 
 
