@@ -10,8 +10,10 @@ gradients, with every kernel-written buffer NaN-poisoned first so an unwritten e
 breakdown of ours (the torch._grouped_mm GEMMs inside ours beside our Triton kernels for the same steps),
 two plain bf16 matmul ceilings (an 8192^3 matmul, and dense matmuls doing the layer's six GEMMs at its
 aggregate shape: "the ceiling on that shape"), and `grouped_mm_bare` (torch._grouped_mm's two GEMMs + SwiGLU
-alone on rows already sorted by expert: the bar "ours >= 1.0x grouped_mm"), all measured in the same run;
-ours and grouped_mm_bare are timed against each other in --rounds paired rounds (each round runs both once,
+alone on rows already sorted by expert, exactly T*K of them as ours does: the bar "ours >= 1.0x grouped_mm";
+`grouped_mm_bare_pad16` is the same with each group padded to 16 rows, the bar as timed before 2026-12-01, kept
+for continuity; `rows` in the JSON counts each), all measured in the same run;
+ours and the bars are timed against each other in --rounds paired rounds (each round runs both once,
 so clock drift hits both alike) and those medians are their reported times. `--kernels` sets ours' switches
 (`backend.kernels`, docs/gpu.md); the breakdown also times the path each switch turned off takes for the same
 stage. A table, then one JSON line.
@@ -242,14 +244,20 @@ def _step_fns(fn, inputs):
     return fwd, step, leaves
 
 
-def _bare_fns(inputs):
+def bar_offsets(idx: torch.Tensor, num_experts: int, pad: int = 1) -> torch.Tensor:
+    """The bar's group ends: this routing's per-expert row counts, each rounded up to a multiple of `pad`. pad 1
+    is equal work with ours (exactly T*K rows); pad 16 is how the bar was timed before 2026-12-01 (~1.4 % more
+    rows at 8k tokens, which flattered ours by as much)."""
+    counts = torch.bincount(idx.reshape(-1), minlength=num_experts)
+    return torch.cumsum((counts + pad - 1) // pad * pad, 0).to(torch.int32)
+
+
+def _bare_fns(inputs, pad: int = 1):
     """The bar of issue 6: torch._grouped_mm's two GEMMs (+ SwiGLU) alone, forward and forward+backward into
-    (rows, both weights), on rows already sorted by expert (this routing's counts, each padded to 16 rows):
-    no routing, gather or combine, which every real implementation must add. -> like _step_fns."""
+    (rows, both weights), on rows already sorted by expert (`bar_offsets`): no routing, gather or combine,
+    which every real implementation must add. -> like _step_fns."""
     x, idx, w, wgu, wd, dy = inputs
-    E = wgu.shape[0]
-    counts = torch.bincount(idx.reshape(-1), minlength=E)
-    offs = torch.cumsum((counts + 15) // 16 * 16, 0).to(torch.int32)
+    offs = bar_offsets(idx, wgu.shape[0], pad)
     M = int(offs[-1])
     g = torch.Generator(device=DEVICE).manual_seed(1)
     xs = torch.randn(M, x.shape[1], device=DEVICE, generator=g).to(x.dtype)
@@ -308,7 +316,7 @@ def _paired(fns: dict, rounds: int) -> dict:
 
 def _time_against_bar(ours_fn, inputs, rounds: int) -> dict:
     """Ours and grouped_mm_bare in paired rounds -> {impl: {fwd_ms, fwdbwd_ms (medians), *_iqr}}."""
-    sides = {"grouped_mm_bare": _bare_fns(inputs)}
+    sides = {"grouped_mm_bare": _bare_fns(inputs), "grouped_mm_bare_pad16": _bare_fns(inputs, pad=16)}
     if ours_fn is not None:
         sides = {"triton": _step_fns(ours_fn, inputs), **sides}
     out = {name: {"timing": f"paired, {rounds} rounds"} for name in sides}
@@ -410,12 +418,15 @@ def main(argv=None) -> dict:
             r["fwd_tflops"] = round(fwd_flops / r["fwd_ms"] / 1e9, 1)
             r["fwdbwd_tflops"] = round(3 * fwd_flops / r["fwdbwd_ms"] / 1e9, 1)
         print(f"[moe bench] {shape} grouped_mm_bare: {res['impls']['grouped_mm_bare']}", flush=True)
+        idx = inputs[1]
+        res["rows"] = {"ours": idx.numel(), "grouped_mm_bare": int(bar_offsets(idx, E)[-1]),
+                       "grouped_mm_bare_pad16": int(bar_offsets(idx, E, 16)[-1])}
         res["shape_ceiling_tflops"] = round(shape_ceiling(T, H, F, K), 1)
-        for base in ("grouped_mm_bare", "grouped_mm", "grouped_mm_cm", "loop"):
+        for base in ("grouped_mm_bare", "grouped_mm_bare_pad16", "grouped_mm", "grouped_mm_cm", "loop"):
             if ours and "fwd_ms" in ours and "fwd_ms" in res["impls"].get(base, {}):
                 # Like against like: the bar's paired times against ours' paired times, the others' do_bench
                 # times against ours' do_bench times.
-                b, pre = res["impls"][base], "" if base == "grouped_mm_bare" else "do_bench_"
+                b, pre = res["impls"][base], "" if base.startswith("grouped_mm_bare") else "do_bench_"
                 res[f"speedup_vs_{base}"] = {k: round(b[f"{k}_ms"] / ours[f"{pre}{k}_ms"], 3 if not pre else 2)
                                              for k in ("fwd", "fwdbwd")}
         if ours and "fwdbwd_tflops" in ours:
@@ -442,7 +453,8 @@ def main(argv=None) -> dict:
             e = "-" if err is None else f"{max(v for k, v in err.items() if k != 'ok'):.1e}" + ("" if err["ok"] else " FAIL")
             print(f"{shape:8} {name:14} {r['fwd_ms']:8.3f} {r['fwd_tflops']:8.0f} {r['fwdbwd_ms']:8.3f} "
                   f"{r['fwdbwd_tflops']:8.0f} {e:>11}")
-        for k in ("speedup_vs_grouped_mm_bare", "speedup_vs_grouped_mm", "speedup_vs_loop", "shape_ceiling_tflops",
+        for k in ("rows", "speedup_vs_grouped_mm_bare", "speedup_vs_grouped_mm_bare_pad16", "speedup_vs_grouped_mm",
+                  "speedup_vs_loop", "shape_ceiling_tflops",
                   "triton_fwdbwd_frac_of_ceiling", "triton_fwdbwd_frac_of_shape_ceiling"):
             if k in res:
                 print(f"{'':8} {k}: {res[k]}")
