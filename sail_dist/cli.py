@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from sail_dist.config import ConfigError, load_config
@@ -31,12 +32,26 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
+    from sail_dist.train.checkpoint import CheckpointError
     from sail_dist.train.trainer import train
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except CheckpointError as e:  # a refused or unreadable resume: the message says what to do
+        print(f"sail-train: {e}", file=sys.stderr)
+        return 1
     if summary.pop("is_main"):
-        print(json.dumps(summary, default=str))
+        print(json.dumps(_finite(summary), default=str, allow_nan=False))
     return 0
+
+
+def _finite(x):
+    """The summary with every non-finite float as null: the last line is strict JSON (no NaN / Infinity)."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ class TrainConfig:
     seed: int = 1234
     out_dir: str = "runs/default"
     init_from: str = ""  # HF checkpoint directory (SAIL-VL2 or Qwen3 layout) to start from; empty = random init
-    resume: str = "auto"  # auto = latest checkpoint in out_dir if any; a path; or "none"
+    resume: str = "auto"  # auto = latest complete checkpoint in out_dir if any; "none"; or a step_* directory
     log_every: int = 1
     save_every: int = 0  # 0 = only at the end
     keep_last: int = 2
@@ -262,6 +262,9 @@ class TrainConfig:
             err("train_modules", "nothing to train")
         if self.grad_clip < 0:
             err("grad_clip", "must be >= 0 (0 disables)")
+        if self.resume not in ("auto", "none", "") and not os.path.isdir(self.resume):
+            err("resume", f"{self.resume!r} is not 'auto' (the latest checkpoint in train.out_dir), 'none' (a fresh "
+                "start) or an existing checkpoint directory (<out_dir>/checkpoints/step_*)")
         from sail_dist.objectives import available_objectives  # here: the objectives import the model, which imports us
 
         if self.objective not in available_objectives():

@@ -35,6 +35,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt; the message says which file and what to do."""
 
 
+class ResumeConfigError(CheckpointError):
+    """The checkpoint to resume was written under another config; the message lists the keys and the ways on."""
+
+
+# Keys that steer the run without changing what is trained or how: a resumed run may change them (train longer,
+# save or log more often, resume a checkpoint into another out_dir). Any other difference refuses the resume.
+RUN_CONTROL_KEYS = frozenset({
+    "train.steps", "train.resume", "train.out_dir", "train.init_from", "train.log_every", "train.save_every",
+    "train.keep_last", "train.max_consecutive_nonfinite", "train.export_hf", "train.eval_samples",
+    "train.tensorboard", "data.num_workers", "data.prefetch", "data.demo_dir", "backend.dist_timeout_min"})
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -100,6 +112,50 @@ def save_checkpoint(cfg: Config, engine, step: int, rank: int, world_size: int, 
     return final
 
 
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for every dotted key outside RUN_CONTROL_KEYS whose value changed."""
+    old, new = _flatten(saved), _flatten(config_to_dict(cfg))
+    return [(k, old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))
+            if k not in RUN_CONTROL_KEYS and old.get(k, "<absent>") != new.get(k, "<absent>")]
+
+
+def read_meta(path: str) -> dict:
+    """The checkpoint's trainer.json (step, layout, counters, the config it was written under)."""
+    try:
+        with open(os.path.join(path, "trainer.json")) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: cannot read trainer.json ({e}); remove {path} (or set "
+                              "train.resume to an earlier step_* directory, or train.resume=none)") from None
+
+
+def check_resume_config(path: str, cfg: Config) -> dict:
+    """trainer.json of `path`, after checking it was written under this config (run-control keys aside)."""
+    meta = read_meta(path)
+    diffs = config_differences(meta.get("config", {}), cfg)
+    if diffs:
+        out = cfg.train.out_dir
+        shown = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in diffs[:20])
+        more = f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else ""
+        raise ResumeConfigError(
+            f"cannot resume {path}: it was written under another config ({len(diffs)} key(s) differ, "
+            f"checkpoint -> this run):\n{shown}{more}\nThree ways on: a new train.out_dir (a fresh run); "
+            f"train.resume=none (start over in {out}); or "
+            f"train.init_from={os.path.join(out, 'hf')} with a new train.out_dir (a new run from that run's exported "
+            "weights, written at its end when train.export_hf=true).")
+    return meta
+
+
 def resolve_resume(cfg: Config) -> str | None:
     """The checkpoint directory to resume from, or None for a fresh start."""
     r = cfg.train.resume
@@ -119,11 +175,7 @@ def resolve_resume(cfg: Config) -> str | None:
 def load_checkpoint(path: str, engine, rank: int, world_size: int, backend: str) -> tuple[dict, dict]:
     """Collective. Restores the engine and this rank's RNG; returns (trainer.json content, rank state)."""
     fix = f"remove {path} (or set train.resume to an earlier step_* directory, or train.resume=none)"
-    try:
-        with open(os.path.join(path, "trainer.json")) as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt: cannot read trainer.json ({e}); {fix}") from None
+    meta = read_meta(path)
     if meta.get("world_size") != world_size or meta.get("backend") != backend:
         raise CheckpointError(f"checkpoint {path} was written by backend={meta.get('backend')} with "
                               f"world_size={meta.get('world_size')}; this run is backend={backend} with "

@@ -8,7 +8,6 @@ RNG states, so a resumed run continues exactly as the uninterrupted one would ha
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import sys
@@ -20,7 +19,7 @@ import torch
 from sail_dist.backends.base import get_backend
 from sail_dist.config import Config, dump_config
 from sail_dist.data.loader import build_loader
-from sail_dist.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from sail_dist.train.checkpoint import check_resume_config, load_checkpoint, resolve_resume, save_checkpoint
 from sail_dist.train.lr import lr_at
 from sail_dist.train.metrics import Metrics
 
@@ -60,18 +59,23 @@ def train(cfg: Config) -> dict:
 
 def _train(cfg: Config, backend, env) -> dict:
     t = cfg.train
-    if env.is_main:
-        os.makedirs(t.out_dir, exist_ok=True)
-        dump_config(cfg, os.path.join(t.out_dir, "config.yaml"))
-    loader = build_loader(cfg, dp_rank=env.dp_rank, dp_size=env.dp_size)
-    engine = backend.build(cfg, env)
     start, nonfinite_run, skipped_total = 0, 0, 0
     resume = resolve_resume(cfg)
+    meta = check_resume_config(resume, cfg) if resume else None  # before anything is built or written
+    if meta is not None and meta["step"] >= t.steps:
+        return _already_complete(cfg, env, resume, meta["step"])
+    loader = build_loader(cfg, dp_rank=env.dp_rank, dp_size=env.dp_size)
+    engine = backend.build(cfg, env)
     if resume:
         meta, rank_state = load_checkpoint(resume, engine, env.rank, env.world_size, cfg.backend.name)
         loader.load_state_dict(rank_state["loader"])
         start, skipped_total = meta["step"], meta.get("skipped_steps", 0)
         log.info("resumed from %s at step %d", resume, start)
+    if env.is_main:  # the run is accepted: its config now describes the out_dir
+        os.makedirs(t.out_dir, exist_ok=True)
+        path = os.path.join(t.out_dir, "config.yaml")
+        dump_config(cfg, path + ".tmp")
+        os.replace(path + ".tmp", path)
     metrics = Metrics(t.out_dir, env, t.steps, start, tensorboard=t.tensorboard)
     log.info("training %d steps (%d micro-batches x %d DP ranks per step) on %s; logs: %s", t.steps,
              t.micro_batches, env.dp_size, env.device_name, t.out_dir)
@@ -103,8 +107,8 @@ def _train(cfg: Config, backend, env) -> dict:
             last_ckpt = _save(cfg, engine, loader, env, step + 1, skipped_total)
     if t.steps > start or not last_ckpt:
         last_ckpt = _save(cfg, engine, loader, env, t.steps, skipped_total)
-    summary = {"steps": t.steps, "final_loss": losses[-1] if losses else math.nan,
-               "first_loss": losses[0] if losses else math.nan, "checkpoint": last_ckpt,
+    summary = {"steps": t.steps, "complete": True, "final_loss": losses[-1] if losses else None,
+               "first_loss": losses[0] if losses else None, "checkpoint": last_ckpt,
                "tensorboard": os.path.join(t.out_dir, "tensorboard"), "metrics": os.path.join(t.out_dir, "metrics.jsonl"),
                "train_time_s": time.perf_counter() - t0, "skipped_steps": skipped_total,
                "bad_samples": loader.bad_samples().summary(), "is_main": env.is_main}
@@ -125,11 +129,28 @@ def _train(cfg: Config, backend, env) -> dict:
     metrics.close()
     loader.close()
     if env.is_main:
-        log.info("done: loss %.4f -> %.4f over %d steps; checkpoint %s; TensorBoard: tensorboard --logdir %s",
-                 summary["first_loss"], summary["final_loss"], t.steps - start, last_ckpt, summary["tensorboard"])
+        log.info("done: loss %s -> %s over %d steps; checkpoint %s; TensorBoard: tensorboard --logdir %s",
+                 _fmt(summary["first_loss"]), _fmt(summary["final_loss"]), t.steps - start, last_ckpt,
+                 summary["tensorboard"])
         if summary["bad_samples"]:
             log.info("bad samples (skipped and counted): %s", summary["bad_samples"])
     return summary
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _already_complete(cfg: Config, env, checkpoint: str, step: int) -> dict:
+    """A re-run of a finished run: nothing to train; say so, and how to train again."""
+    t = cfg.train
+    if env.is_main:
+        log.info("%s is complete: its checkpoint %s is at step %d and train.steps=%d, so there is nothing to train. "
+                 "To train further, raise train.steps (it resumes from step %d); to train again from scratch, set "
+                 "train.resume=none or a new train.out_dir.", t.out_dir, checkpoint, step, t.steps, step)
+    return {"steps": t.steps, "complete": True, "already_complete": True, "resumed_step": step,
+            "final_loss": None, "first_loss": None, "checkpoint": checkpoint, "train_time_s": 0.0,
+            "is_main": env.is_main}
 
 
 def _gather_model(cfg: Config, engine, env):
