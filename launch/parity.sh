@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Backend parity: the same tiny MoE VLM on the same demo data for N steps on the GPU backend (DeepSpeed ZeRO-2,
 # DP 2: 2 processes) and on the NPU backend (Megatron PP 2 x EP 2, DP 2: 4 processes), then a table of per-step
-# losses and per-layer gradient norms at step 1 side by side, and one JSON line. Exit status 1 when the
-# backends disagree beyond the tolerances (loss 1e-5, gradient norms 1e-4, relative; fp32).
+# losses and every parameter's gradient at step 1 compared tensor by tensor (max |npu - gpu| / max |gpu|, per
+# layer; norms side by side as the summary), and one JSON line. Exit status 1 when the backends disagree beyond
+# the tolerances (loss 1e-5, gradient tensors 1e-5, relative; fp32).
 #
 #   bash launch/parity.sh [STEPS] [CONFIG] [key.sub=value ...]
 #

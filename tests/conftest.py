@@ -1,6 +1,8 @@
-"""Shared test helpers: tiny configs and hand-built packed batches (independent of the data pipeline)."""
+"""Shared test helpers: tiny configs and hand-built packed batches (independent of the data pipeline), and
+`require` for optional packages: a skip on a dev box, a failure in CI (CI=true), so a broken install cannot pass."""
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import sys
@@ -14,6 +16,41 @@ from sail_dist.data.batch import PackedBatch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+
+def in_ci() -> bool:
+    """CI=true (set by .ci/run, and by GitHub Actions and most CI services)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require(*modules: str):
+    """Import each module for the test that needs it and return the last one. When one is missing: under CI a
+    failure (every package the suite asks for is installed by .ci/run: a missing one is a broken install),
+    elsewhere a skip naming it. Call it from the test (or the helper that launches the package's processes),
+    never at module level, so the file's other tests neither import nor need it."""
+    mod = None
+    for name in modules:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError as e:
+            msg = f"{name} is not importable ({type(e).__name__}: {e})"
+            if in_ci():
+                pytest.fail(f"{msg}; CI=true: .ci/run installs it, so this is a broken install", pytrace=False)
+            pytest.skip(msg)
+    return mod
+
+
+class LazyModule:
+    """`transformers = LazyModule("transformers")` at module level: imported through `require` on first attribute
+    use, so only the tests that use it skip without it (or fail under CI)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("_"):  # pytest's collection probes (`__test__`, fixture markers): not the module's API
+            raise AttributeError(attr)
+        return getattr(require(self._name), attr)
 
 
 def free_port() -> int:
@@ -41,8 +78,7 @@ def torchrun_cmd(nproc: int, *args: str) -> list[str]:
 def run_in_triton_interpreter(test_file: str) -> None:
     """Re-run `test_file` in a child pytest process with TRITON_INTERPRET=1 set from the start (the interpreter
     must be on before triton is first imported), so nothing else in this process runs in the interpreter."""
-    pytest.importorskip("triton")
-    pytest.importorskip("numpy")  # the interpreter needs it
+    require("triton", "numpy")  # the interpreter needs numpy
     import subprocess
 
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(test_file)],
@@ -96,6 +132,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture
 def shared_dir():
+    """../shared beside the checkout (the project's shared reference files, e.g. the SAIL-VL2-2B release index
+    under reference/sailvl2_2b_hf). Absent: a skip that says so, a failure under CI."""
     if not os.path.isdir(SHARED):
-        pytest.skip("../shared is not beside the checkout")
+        msg = (f"this test needs ../shared (the project's shared reference files, e.g. "
+               f"reference/sailvl2_2b_hf) beside the checkout; {SHARED} is absent")
+        if in_ci():
+            pytest.fail(f"{msg}; CI=true: CI must provide it", pytrace=False)
+        pytest.skip(msg)
     return SHARED

@@ -8,20 +8,20 @@ import subprocess
 import pytest
 import torch
 
-from conftest import ROOT, child_env, torchrun_cmd
+from conftest import ROOT, child_env, require, torchrun_cmd
 from dist.engine_run import step_batches
 from sail_dist.config import load_config
 from sail_dist.kernels import get_opset
 from sail_dist.model.build import build_model
 from sail_dist.train.lr import lr_at
 
-pytest.importorskip("deepspeed")
 TINY = os.path.join(ROOT, "configs", "model", "tiny.yaml")
 COMMON = ["train.steps=5", "train.micro_batches=2", "train.lr=2e-3", "train.warmup_steps=2", "train.weight_decay=0.1",
           "train.grad_clip=0.5"]
 
 
 def torchrun(nproc: int, args: list[str], tmp_path, timeout: int = 600) -> list[dict]:
+    require("deepspeed")  # the engine runs in the children; a test that does not launch them does not need it
     out = tmp_path / "out.json"
     env = child_env()
     cmd = torchrun_cmd(nproc, os.path.join(ROOT, "tests", "dist", "engine_run.py"), str(out), *args)
@@ -75,18 +75,138 @@ def test_zero2_two_ranks_equal_reference(tmp_path, offload):
     assert ref[-1] < ref[0]  # it trains
 
 
+def _bf16_worker() -> None:
+    """torchrun child of the bf16 test (`python -c`, argv: OUT.pt CONFIG overrides...): the engine over step_batches;
+    rank 0 saves the per-step stats and every parameter's fp32 master weight (DeepSpeed's partitions, gathered)."""
+    import sys
+
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from sail_dist.backends.base import get_backend
+
+    out_path, config, *overrides = sys.argv[1:]
+    cfg = load_config(config, ["data.demo=true", *overrides])
+    backend = get_backend(cfg.backend.name)
+    env = backend.setup(cfg)
+    engine = backend.build(cfg, env)
+
+    def master() -> dict[str, torch.Tensor]:  # collective
+        return {n: safe_get_full_fp32_param(p).detach().cpu().clone() for n, p in engine.model.named_parameters()}
+
+    steps, masters = [], []
+    for step in range(cfg.train.steps):
+        s = engine.train_step(step_batches(cfg, step, env.dp_rank, env.dp_size), lr_at(cfg.train, step))
+        steps.append({"loss": s.loss, "grad_norm": s.grad_norm, "skipped": s.skipped})
+        if step in (0, cfg.train.steps - 1):
+            masters.append(master())
+    if env.rank == 0:
+        torch.save({"steps": steps, "master_step0": masters[0], "master": masters[-1],
+                    "dtypes": {n: str(p.dtype) for n, p in engine.model.named_parameters()}}, out_path)
+    backend.teardown()
+
+
+def _bf16_reference(config: str, overrides: list[str], dp: int) -> dict:
+    """Single process, DeepSpeed's bf16 recipe by hand on the same global batches: bf16 parameters; each micro-batch
+    index's bf16 gradients summed over the ranks and rounded to bf16, then accumulated in fp32; clipping and plain
+    torch AdamW on fp32 master weights, copied back to bf16 after each step. Per-step losses and gradient norms
+    (before clipping), the master weights at the start, after step 0 and at the end."""
+    cfg = load_config(config, ["data.demo=true", *overrides])
+    t = cfg.train
+    model = build_model(cfg.model, get_opset("reference"), seed=t.seed)
+    assert not model.moe_layers()  # (no aux-loss scaling to mimic)
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    for p in params:
+        p.data = p.data.to(torch.bfloat16)
+    master = [p.detach().float().clone().requires_grad_() for p in params]  # from the bf16 values, as DeepSpeed
+    init = {n: m.detach().clone() for n, m in zip(names, master)}
+    opt = torch.optim.AdamW([{"params": [m for m in master if m.dim() >= 2], "weight_decay": t.weight_decay},
+                             {"params": [m for m in master if m.dim() < 2], "weight_decay": 0.0}],
+                            lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)
+    losses, norms = [], []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run (child_env): the same bf16 GEMM blocking
+    try:
+        for step in range(t.steps):
+            per_rank = [step_batches(cfg, step, r, dp) for r in range(dp)]
+            W = sum(float(b.loss_weight.sum()) for batches in per_rank for b in batches)
+            acc = [torch.zeros_like(m) for m in master]
+            total = 0.0
+            for i in range(t.micro_batches):
+                # DeepSpeed reduces micro-batch i's bf16 gradients over the ranks in bf16 (its communication dtype),
+                # then adds them to its fp32 partitions.
+                summed = [torch.zeros_like(m) for m in master]
+                for batches in per_rank:
+                    b = batches[i]
+                    model.zero_grad(set_to_none=True)
+                    loss = (model(b).loss_T * b.loss_weight).sum() / W  # sum(w * ce) / W, by hand
+                    loss.backward()
+                    total += float(loss.detach())
+                    for s, p in zip(summed, params):
+                        s += p.grad.float()
+                for a, s in zip(acc, summed):
+                    a += s.to(torch.bfloat16).float()
+            for m, a in zip(master, acc):
+                m.grad = a
+            norms.append(float(torch.nn.utils.clip_grad_norm_(master, t.grad_clip)))
+            for g in opt.param_groups:
+                g["lr"] = lr_at(t, step)
+            opt.step()
+            with torch.no_grad():
+                for p, m in zip(params, master):
+                    p.copy_(m)
+            losses.append(total)
+            if step == 0:
+                step0 = {n: m.detach().clone() for n, m in zip(names, master)}
+    finally:
+        torch.set_num_threads(threads)
+    return {"losses": losses, "grad_norms": norms, "init": init, "master_step0": step0,
+            "master": {n: m.detach().clone() for n, m in zip(names, master)}}
+
+
 @pytest.mark.parametrize("offload", ["none", "cpu"])
 def test_bf16_fp32_grad_accumulation_tracks_fp32_reference(tmp_path, offload):
     """bf16 weights with fp32 gradient accumulation (DeepSpeed's device-side fp32 partition buffer, which with
-    offload replaces the per-micro-batch host round trip): every micro-batch's gradient lands exactly once, so the
-    step-0 gradient norm and the losses track the fp32 reference to bf16 precision."""
+    offload replaces the per-micro-batch host round trip): every micro-batch's gradient lands exactly once, the
+    update is the configured AdamW's, and the run tracks the fp32 reference to bf16 precision.
+
+    Against a reference of the same precision recipe, by hand (_bf16_reference): the losses and gradient norms, and
+    each parameter's update (master weight minus initial), after step 0 and after the last step. Measured (both
+    offload settings): losses 3e-5, norms 8e-8 at step 0 and 4e-4 by step 4, updates 2e-5 after step 0 and 5e-3 after
+    step 4. A 10 % wrong lr moves the step-0 updates by 9e-2 and the losses by 6e-4, dropped weight decay the
+    step-0 updates of the ViT's matrices by 2e-3, a parameter left stale its updates by 1. Against the fp32
+    reference: the step-0 gradient norm and the losses to 1e-2 (bf16 precision)."""
+    import sys
+
+    require("deepspeed")
     extra = ["train.precision=bf16", "backend.grad_accum_dtype=fp32", "train.micro_batches=4"]
     if offload == "cpu":
         extra += ["backend.offload_optimizer=cpu", "backend.torch_adam=true"]
-    got = torchrun(2, [TINY, *COMMON, *extra], tmp_path, timeout=900)
+    out = tmp_path / "out.pt"
+    cmd = torchrun_cmd(2, "--no-python", sys.executable, "-c", "from test_gpu_backend import _bf16_worker; "
+                       "_bf16_worker()", str(out), TINY, *COMMON, *extra)
+    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    run = torch.load(out)
+    got = run["steps"]
+    assert len(got) == 5 and not any(s["skipped"] for s in got)
+    assert set(run["dtypes"].values()) == {"torch.bfloat16"}
+    same = _bf16_reference(TINY, [*COMMON, "train.micro_batches=4"], dp=2)
+    assert abs(got[0]["grad_norm"] - same["grad_norms"][0]) <= 1e-6 * same["grad_norms"][0]
+    for step, (g, loss, norm) in enumerate(zip(got, same["losses"], same["grad_norms"])):
+        assert abs(g["loss"] - loss) <= 1e-4 * abs(loss), (step, g["loss"], loss)
+        assert abs(g["grad_norm"] - norm) <= 2e-3 * norm, (step, g["grad_norm"], norm)
+    # Each parameter's update (relative Frobenius error): after step 0, from the same weights, and after the last step,
+    # where bf16 weight copies rounding differently have compounded.
+    assert sorted(run["master"]) == sorted(same["master"])
+    for key, tol in (("master_step0", 2e-4), ("master", 2e-2)):
+        for n, final in same[key].items():
+            want = (final - same["init"][n]).double()
+            err = float(((run[key][n] - same["init"][n]).double() - want).norm() / want.norm())
+            assert err <= tol, (key, n, err)
+    # bf16 against fp32: a micro-batch dropped or counted twice moves the step-0 norm by far more than bf16 rounding.
     norms: list[float] = []
     ref = reference_losses(TINY, [*COMMON, "train.micro_batches=4"], dp=2, grad_norms=norms)
-    # A micro-batch dropped or counted twice moves the step-0 norm by far more than bf16 rounding does.
     assert abs(got[0]["grad_norm"] - norms[0]) <= 1e-2 * norms[0], (got[0]["grad_norm"], norms[0])
     for step, (g, r) in enumerate(zip(got, ref)):
         assert abs(g["loss"] - r) <= 1e-2 * abs(r), (step, g["loss"], r)

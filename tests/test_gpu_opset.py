@@ -1,10 +1,17 @@
 """The GPU OpSet (sail_dist/kernels/gpu.py) against the reference OpSet.
 
-CPU (CI): every op on CPU tensors equals the reference: the chunked linear cross-entropy (values and
-gradients, any chunking, ignored labels), the loop and grouped_mm experts (zero-token experts, a hot
-expert), attention's fallback, and the pass-through ops. CUDA only (skipped elsewhere): bf16 against an
-fp32 reference to 1e-2 (relative Frobenius error) for the three expert implementations, attention and
-cross-entropy, the Triton experts with their buffers NaN-poisoned.
+No test compares the reference with itself. Where the OpSet IS the reference (rms_norm / rope / swiglu always,
+attention on CPU tensors or fp32, where no flash kernel applies, the Triton experts on CPU without Triton's
+interpreter) the tests assert that binding or dispatch once; the numerics are tested where the OpSet's own code
+runs.
+
+CPU (CI): the chunked linear cross-entropy (values and gradients, any chunking, ignored labels) and the loop and
+grouped_mm experts (zero-token experts, a hot expert) against the reference. The Triton experts and the
+cross-entropy's Triton row kernels: the same tests again in Triton's interpreter, in a child process
+(test_interpreter_child), the Triton experts checked not to fall back. CUDA only (`gpu` marker, skipped
+elsewhere): bf16 against an fp32 reference to 1e-2 (relative Frobenius error) for the three expert
+implementations, attention (flash / torch varlen) and cross-entropy, the Triton experts with their buffers
+NaN-poisoned.
 """
 from __future__ import annotations
 
@@ -17,11 +24,28 @@ import sys
 import pytest
 import torch
 
+from conftest import run_in_triton_interpreter
 from sail_dist.config import ConfigError, KernelConfig, load_config
 from sail_dist.kernels import get_opset, gpu, opset_for_backend
 from sail_dist.kernels import reference as ref
+from sail_dist.kernels.triton import interpreting
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.cuda.is_available()
+INTERPRET = interpreting()  # this process runs Triton's interpreter: the child of test_interpreter_child
+parent_only = pytest.mark.skipif(INTERPRET, reason="no Triton kernel involved: runs in the parent process only")
+
+
+def cuda(test):
+    """GPU-only: the `gpu` marker, and skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")(test))
+
+
+@pytest.mark.skipif(CUDA or INTERPRET, reason="CUDA: the Triton kernels run compiled in the gpu tests; "
+                    "interpreter: this is the child")
+def test_interpreter_child():
+    """CPU: this file's tests that reach a Triton kernel (the Triton experts, the cross-entropy's row kernels), in
+    a child process with Triton's interpreter on from the start; the others skip there."""
+    run_in_triton_interpreter(__file__)
 
 
 def _rel_max(a, b) -> float:
@@ -39,6 +63,7 @@ def _rel_fro(a, b) -> float:
 # --------------------------------------------------------------------------------------------------
 # OpSet plumbing
 # --------------------------------------------------------------------------------------------------
+@parent_only
 def test_opset_options():
     for impl in gpu.MOE_IMPLS:
         ops = get_opset("gpu", moe_impl=impl)
@@ -55,6 +80,7 @@ def test_opset_options():
     assert auto in ("flash_attn", "torch_varlen", "reference")
 
 
+@parent_only
 def test_kernel_switches_from_the_config():
     """`backend.kernels` reaches the Triton experts through opset_for_backend (what the engines call); a switch
     nothing would read, an unknown name and a non-boolean are config errors. (Each switch's effect on the
@@ -78,25 +104,40 @@ def test_kernel_switches_from_the_config():
         load_config(None, ["data.demo=true", "backend.kernels.moe_autotune=0"])
 
 
-def test_pointwise_ops_match_reference():
-    ops = get_opset("gpu")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 4, 8, generator=g)
-    cos, sin = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
-    assert torch.equal(ops.rope(x, cos, sin), ref.rope(x, cos, sin))
-    assert torch.equal(ops.swiglu(x), ref.swiglu(x))
-    wt = torch.randn(8, generator=g)
-    assert torch.equal(ops.rms_norm(x, wt, 1e-6), ref.rms_norm(x, wt, 1e-6))
+@parent_only
+def test_pointwise_ops_are_the_reference():
+    """rms_norm / rope / swiglu ARE the reference's functions (fused per block by train.compile, not per op): the
+    binding, not the numerics, which the reference's own tests cover."""
+    for impl in gpu.MOE_IMPLS:
+        ops = get_opset("gpu", moe_impl=impl)
+        assert ops.rms_norm is ref.rms_norm and ops.rope is ref.rope and ops.swiglu is ref.swiglu
 
 
+@parent_only
 @pytest.mark.parametrize("causal", [True, False])
-def test_attention_cpu_matches_reference(causal):
-    g = torch.Generator().manual_seed(1)
+def test_attention_off_cuda_is_the_reference(monkeypatch, causal):
+    """CPU tensors (and fp32 ones on CUDA, which the flash kernels lack) go to the reference unchanged, whichever
+    implementation was picked: the dispatch, asserted through a stand-in for the reference. The flash / varlen
+    kernels' numerics: test_attention_cuda_bf16 (GPU only)."""
+    calls = []
+
+    def stand_in(*args):
+        calls.append(args)
+        return "reference's result"
+
+    monkeypatch.setattr(ref, "attention", stand_in)
     cu = torch.tensor([0, 5, 12, 13, 20], dtype=torch.int32)
-    q = torch.randn(20, 4, 8, generator=g)
-    k, v = torch.randn(20, 2, 8, generator=g), torch.randn(20, 2, 8, generator=g)  # GQA 4:2
-    out = get_opset("gpu").attention(q, k, v, cu, 7, causal)
-    assert torch.allclose(out, ref.attention(q, k, v, cu, 7, causal), atol=1e-6)
+    q, k, v = torch.zeros(20, 4, 8), torch.zeros(20, 2, 8), torch.zeros(20, 2, 8)
+    impls = ["auto", "reference"] + [i for i, fn in (("flash_attn", gpu._flash_attn_fn),
+                                                     ("torch_varlen", gpu._torch_varlen_fn)) if fn() is not None]
+    cases = [("cpu", torch.float32), ("cpu", torch.bfloat16)] + ([("cuda", torch.float32)] if CUDA else [])
+    for impl in impls:
+        attention = get_opset("gpu", attention_impl=impl).attention
+        for device, dtype in cases:
+            calls.clear()
+            args = [t.to(device, dtype) for t in (q, k, v)]
+            assert attention(*args, cu, 7, causal) == "reference's result" and len(calls) == 1, (impl, device, dtype)
+            assert all(a is b for a, b in zip(calls[0], (*args, cu, 7, causal))), (impl, device, dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,7 +163,12 @@ def _ce_run(fn, h, w, labels, dloss):
 @pytest.mark.parametrize("chunk", [1, 7, 29, 1000, None])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_chunked_cross_entropy_matches_reference(chunk, dtype):
+    """The tiled linear cross-entropy on its torch row ops (parent) or, fp32 in the interpreter child, on the
+    Triton row kernels."""
+    if INTERPRET and dtype == torch.float64:
+        pytest.skip("fp64 takes the torch row ops: runs in the parent process only")
     case = _ce_case(dtype=dtype)
+    assert (gpu._ce_row_ops(case[0]) is not gpu.TORCH_ROW_OPS) == INTERPRET  # which row ops this run tests
     want = _ce_run(ref.cross_entropy, *case)
     got = _ce_run(lambda h, w, y: gpu.cross_entropy(h, w, y, chunk_size=chunk), *case)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -139,11 +185,13 @@ def test_chunked_cross_entropy_all_ignored_and_bf16():
     assert loss.abs().max() == 0 and dh.abs().max() == 0 and dw.abs().max() == 0
     # bf16 in -> fp32 loss, close to the fp32 reference on the same (rounded) inputs.
     h, w, labels, dloss = _ce_case(T=40, D=32, V=64, dtype=torch.bfloat16)
+    assert (gpu._ce_row_ops(h) is not gpu.TORCH_ROW_OPS) == INTERPRET
     loss = gpu.cross_entropy(h, w, labels, chunk_size=16)
     assert loss.dtype == torch.float32
     assert _rel_fro(loss, ref.cross_entropy(h.float(), w.float(), labels)) <= 1e-2
 
 
+@parent_only
 def test_opset_cross_entropy_is_chunked_default():
     case = _ce_case(T=300, V=50)
     want = _ce_run(ref.cross_entropy, *case)
@@ -152,7 +200,8 @@ def test_opset_cross_entropy_is_chunked_default():
 
 
 # --------------------------------------------------------------------------------------------------
-# MoE experts: loop and grouped_mm on CPU (the Triton kernels: tests/test_triton_moe.py)
+# MoE experts on CPU: loop and grouped_mm here, Triton in the interpreter child (its kernels' own tests, every
+# switch: tests/test_triton_moe.py)
 # --------------------------------------------------------------------------------------------------
 def _moe_case(T=40, K=2, E=6, H=16, F=8, seed=0, empty=(1,), hot=3, device="cpu"):
     g = torch.Generator().manual_seed(seed)
@@ -176,15 +225,43 @@ def _moe_run(fn, x, idx, w, wgu, wd, dy, dtype, device="cpu"):
 
 
 @pytest.mark.parametrize("impl", ["loop", "grouped_mm", "triton"])
-def test_moe_experts_cpu_match_reference(impl):
+def test_moe_experts_cpu_match_reference(impl, monkeypatch):
+    """Each implementation's own code on CPU tensors (none may call the reference): loop and grouped_mm here, the
+    Triton kernels in the interpreter child (without the interpreter they fall back to the reference:
+    test_moe_triton_on_cpu_without_interpreter_is_the_reference)."""
+    if (impl == "triton") != INTERPRET:
+        pytest.skip("the Triton experts on CPU run in the interpreter child" if impl == "triton"
+                    else "plain torch: runs in the parent process only")
     case = _moe_case()
     want = _moe_run(ref.moe_experts, *case, torch.float64)
+
+    def no_fallback(*args):
+        raise AssertionError(f"gpu[{impl}] experts fell back to the reference")
+
+    monkeypatch.setattr(ref, "moe_experts", no_fallback)
     got = _moe_run(get_opset("gpu", moe_impl=impl).moe_experts, *case, torch.float32)
     for name, a, b in zip(("y", "dx", "dw", "dgu", "ddn"), got, want):
         assert _rel_max(a, b) <= 1e-5, f"{impl} {name}: {_rel_max(a, b):.2e}"
     assert got[3][1].abs().max() == 0  # the empty expert
 
 
+@parent_only
+def test_moe_triton_on_cpu_without_interpreter_is_the_reference(monkeypatch):
+    """Off CUDA and outside Triton's interpreter the Triton experts hand their arguments to the reference as they
+    are (the dispatch, through a stand-in); their numerics run in the interpreter child and on CUDA."""
+    calls = []
+
+    def stand_in(*args):
+        calls.append(args)
+        return "reference's result"
+
+    monkeypatch.setattr(ref, "moe_experts", stand_in)
+    args = [t.float() if t.is_floating_point() else t for t in _moe_case()[:5]]
+    assert get_opset("gpu", moe_impl="triton").moe_experts(*args) == "reference's result"
+    assert len(calls) == 1 and all(a is b for a, b in zip(calls[0], args))
+
+
+@parent_only
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-machine check; on a GPU the benchmark itself runs "
                     "(and Triton 3.6's interpreter, on the GPU machine, fails on a kernel that 3.9's runs)")
 def test_moe_bench_cpu_smoke():
@@ -198,11 +275,15 @@ def test_moe_bench_cpu_smoke():
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     tiny = result["shapes"]["tiny"]
-    assert set(tiny["impls"]) == {"loop", "grouped_mm", "grouped_mm_cm", "triton", "grouped_mm_bare"}
+    assert set(tiny["impls"]) == {"loop", "grouped_mm", "grouped_mm_cm", "triton", "grouped_mm_bare",
+                                  "grouped_mm_bare_pad16"}
+    # The bar does ours' work exactly (T*K rows); the old padded bar more.
+    rows = tiny["rows"]
+    assert rows["ours"] == rows["grouped_mm_bare"] == tiny["T"] * tiny["K"] < rows["grouped_mm_bare_pad16"]
     assert all(r.get("rel_err", {"ok": True})["ok"] for r in tiny["impls"].values())
     assert "bwd_wgrad_gate_up" in tiny["triton_breakdown"]
     # Ours and the bare bar are timed in paired rounds (3 under --cpu-smoke): median inside its quartiles.
-    for name in ("triton", "grouped_mm_bare"):
+    for name in ("triton", "grouped_mm_bare", "grouped_mm_bare_pad16"):
         r = tiny["impls"][name]
         assert r["timing"] == "paired, 3 rounds"
         for key in ("fwd", "fwdbwd"):
@@ -252,6 +333,8 @@ def test_attention_cuda_bf16(causal):
     q = torch.randn(512, 8, 64, generator=g)
     k, v = torch.randn(512, 2, 64, generator=g), torch.randn(512, 2, 64, generator=g)
     ops = get_opset("gpu")
+    if ops.attention.impl == "reference":
+        pytest.skip("neither flash-attn nor torch varlen_attn here: the OpSet's attention is the reference")
     # The op allocates its own output: poison the caching allocator's blocks of that size instead.
     torch.full(q.shape, float("nan"), device="cuda", dtype=torch.bfloat16)
     out = ops.attention(*(t.cuda().bfloat16() for t in (q, k, v)), cu.cuda(), 282, causal)

@@ -7,13 +7,13 @@ import os
 import pytest
 import torch
 
-from conftest import make_sample, model_config, pack, rel_err
+from conftest import LazyModule, make_sample, model_config, pack, rel_err
 from sail_dist.config import load_config
 from sail_dist.kernels import get_opset
 from sail_dist.model import hf
 from sail_dist.model.sailvl import SailVL
 
-transformers = pytest.importorskip("transformers")
+transformers = LazyModule("transformers")  # imported (require) by the tests that compare with it, only
 REF = get_opset("reference")
 
 

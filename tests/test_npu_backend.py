@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import ROOT, child_env, free_port, model_config, rel_err, torchrun_cmd
-from dist.engine_run import step_batches
+from conftest import ROOT, child_env, free_port, model_config, rel_err, require, torchrun_cmd
+from dist.engine_run import grads_path, step_batches
 from sail_dist.config import ParallelConfig, PipelineSplit, load_config
 from sail_dist.kernels import get_opset
 from sail_dist.model.build import build_model
@@ -26,7 +26,8 @@ from sail_dist.parallel.mesh import ParallelConfigError, resolve_parallel_dims
 from sail_dist.parallel.pipeline import Workload, balance_layers, build_stages, plan_pipeline
 from sail_dist.train.lr import lr_at
 
-pytest.importorskip("megatron.core")
+# Megatron runs in the torchrun children only: `torchrun` below and the launcher tests `require` it, so the planning,
+# stage and expert-dispatch tests above them neither import nor need it.
 TINY_MOE = os.path.join(ROOT, "configs", "model", "tiny_moe.yaml")
 DEMO_NPU = os.path.join(ROOT, "configs", "demo", "npu_tiny_moe.yaml")
 # Weight decay and clipping on, so optimizer state, param groups and clipping all matter for exactness. (A larger lr
@@ -244,6 +245,7 @@ def test_expert_parallel_dispatch_equals_unsharded_experts(tmp_path, route):
 # ----------------------------------------------------------------------------------- multi-process runs
 def torchrun(nproc: int, mode: str, tmp_path, *overrides: str, config: str = TINY_MOE, timeout: int = 600,
              out_name: str = "out.json", **env_extra: str) -> dict:
+    require("megatron.core")
     out = tmp_path / out_name
     env = child_env(**env_extra)
     cmd = torchrun_cmd(nproc, os.path.join(ROOT, "tests", "dist", "npu_run.py"), mode, str(out), config, *overrides)
@@ -254,7 +256,7 @@ def torchrun(nproc: int, mode: str, tmp_path, *overrides: str, config: str = TIN
 
 def reference(overrides: list[str], dp: int, config: str = TINY_MOE) -> tuple[list[float], dict, dict]:
     """Single process, reference OpSet, plain torch AdamW over the same global batches (all DP ranks'
-    micro-batches): per-step losses, step-1 per-parameter gradient norms, final weights."""
+    micro-batches): per-step losses, step-1 gradients ({name: p.grad}, before clipping), final weights."""
     cfg = load_config(config, ["data.demo=true", *overrides])
     t = cfg.train
     model = build_model(cfg.model, get_opset("reference"), seed=t.seed)
@@ -266,7 +268,7 @@ def reference(overrides: list[str], dp: int, config: str = TINY_MOE) -> tuple[li
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=tuple(t.adam_betas),
                             eps=t.adam_eps)
-    losses, norms = [], {}
+    losses, grads = [], {}
     for step in range(t.steps):
         batches = [b for r in range(dp) for b in step_batches(cfg, step, r, dp)]
         W = sum(float(b.loss_weight.sum()) for b in batches)
@@ -283,13 +285,13 @@ def reference(overrides: list[str], dp: int, config: str = TINY_MOE) -> tuple[li
                 loss.backward()
                 total += float(loss.detach())
         if step == 0:  # named_parameters() lists a tied lm head once, as the embedding
-            norms = {n: float(p.grad.double().norm()) for n, p in model.named_parameters()}
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         for g in opt.param_groups:
             g["lr"] = lr_at(t, step)
         opt.step()
         losses.append(total)
-    return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return losses, grads, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _global_counts(model, group) -> list[torch.Tensor]:
@@ -325,6 +327,9 @@ LAYOUTS = {  # name: (processes, config, overrides)
 }
 
 
+GRAD_RTOL = 1e-5  # per gradient tensor, max |a - b| / max |b|: measured 1.2e-6 .. 1.6e-6 (CPU fp32, 2026-12-01)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layouts_train_like_a_single_process(tmp_path, layout):
@@ -332,7 +337,7 @@ def test_layouts_train_like_a_single_process(tmp_path, layout):
     overrides = ["train.steps=3", *TRAIN]
     got = torchrun(nproc, "train", tmp_path, *overrides, *extra, config=config)
     dp = nproc // (2 if "pp2" in layout else 1)
-    ref_losses, ref_norms, _ = reference(overrides, dp, config)
+    ref_losses, ref_grads, _ = reference(overrides, dp, config)
     losses = [r["loss"] for r in got["steps"]]
     assert not any(r["skipped"] for r in got["steps"])
     for step, (g, r) in enumerate(zip(losses, ref_losses)):
@@ -342,10 +347,15 @@ def test_layouts_train_like_a_single_process(tmp_path, layout):
     step0 = [b for r in range(dp) for b in step_batches(cfg, 0, r, dp)]
     want = sum(batch_flops(cfg.model, b, cfg.train.train_modules).train for b in step0)
     assert abs(got["steps"][0]["world_flops"] - want) <= 1e-9 * want, (got["steps"][0]["world_flops"], want)
-    norms = got["layer_grad_norms"]
-    assert set(norms) == set(ref_norms)
-    for n, v in ref_norms.items():
-        assert abs(norms[n] - v) <= 1e-4 * v + 1e-12, (n, norms[n], v)
+    # Every parameter's step-1 gradient as a tensor (a norm would not see swapped experts or a flipped sign):
+    # max |got - ref| / max |ref| per tensor (GRAD_RTOL; measured at most 1.6e-6 on CPU fp32).
+    grads = torch.load(grads_path(str(tmp_path / "out.json")))
+    assert set(grads) == set(ref_grads)
+    assert all(grads[n].shape == g.shape for n, g in ref_grads.items())
+    errs = {n: rel_err(grads[n], g) for n, g in ref_grads.items()}
+    worst = max(errs, key=errs.get)
+    print(f"{layout}: {len(errs)} tensors, max grad rel {errs[worst]:.2e} at {worst}")
+    assert errs[worst] <= GRAD_RTOL, (layout, worst, errs[worst], sorted(errs.items(), key=lambda kv: -kv[1])[:5])
 
 
 @pytest.mark.slow
@@ -368,8 +378,16 @@ def test_full_state_dict_gathers_global_names_and_full_experts(tmp_path):
     assert sorted(saved["init"]) == sorted(saved["trained"]) == sorted(init) == got["keys"]
     for k, v in init.items():  # before training: bit-identical (expert slices back in order)
         assert torch.equal(saved["init"][k], v), k
-    for k, v in trained.items():  # after a step: Adam's first step amplifies rounding in ~0 gradients a little
-        assert rel_err(saved["trained"][k], v) < 1e-3, k
+    # After a step: each tensor's update (trained - init) against the reference's, not the weights (an update of
+    # lr = 5e-4 on a norm weight of 1.0 is within 1e-3 of the weight even when it is missing). Relative Frobenius
+    # error, since Adam's first step is ~lr * sign(g) and the few ~0 gradient entries whose rounding differs flip
+    # sign (a max-abs measure sees only those). Measured <= 2e-4 on every tensor; a missing update gives 1, a 10 %
+    # wrong lr 0.1, weight decay dropped 4e-3 on the embedding (2e-3 on the ViT qkv), decay on norms 0.1.
+    for k, v in trained.items():
+        got, want = (saved["trained"][k] - init[k]).double(), (v - init[k]).double()
+        assert want.norm() > 0, k  # every tensor trains here
+        err = float((got - want).norm() / want.norm())
+        assert err < 1e-3, (k, err)
 
 
 @pytest.mark.slow
@@ -397,7 +415,7 @@ def _demo_data(root) -> str:
 @pytest.mark.slow
 def test_parity_with_the_gpu_backend(tmp_path):
     """launch/parity.sh: GPU backend ZeRO-2 DP 2 vs NPU backend PP 2 x EP 2 on the demo data."""
-    pytest.importorskip("deepspeed")
+    require("deepspeed", "megatron.core")
     demo = _demo_data(tmp_path / "demo")
     env = child_env(OUT_DIR=str(tmp_path))
     r = subprocess.run(["bash", os.path.join(ROOT, "launch", "parity.sh"), "5", DEMO_NPU,
@@ -406,7 +424,7 @@ def test_parity_with_the_gpu_backend(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["ok"] and summary["steps"] == 5
-    assert summary["max_loss_rel"] <= 1e-5 and summary["max_grad_rel"] <= 1e-4
+    assert summary["max_loss_rel"] <= 1e-5 and summary["max_grad_rel"] <= 1e-5
     assert summary["first_vit_layer_grad_rel"] <= 1e-4 and summary["first_llm_layer_grad_rel"] <= 1e-4
     assert "llm.layers.0.mlp.experts.w_gate_up" in r.stdout and "vision.blocks.0.qkv.weight" in r.stdout
 
@@ -415,6 +433,7 @@ def test_parity_with_the_gpu_backend(tmp_path):
 def test_npu_pretrain_sh_runs_and_resumes_on_cpu(tmp_path):
     """The launcher itself, on CPU: the trainer with the NPU backend (PP 2 x EP 2, 4 processes), a checkpoint,
     then a second launch resuming from it reproduces the uninterrupted run's last steps exactly."""
+    require("megatron.core")
     env = child_env()
     common = [f"data.demo_dir={_demo_data(tmp_path / 'demo')}", "train.steps=4", "train.save_every=2",
               "train.eval_samples=0", "train.export_hf=false", "train.log_every=1"]
@@ -438,7 +457,7 @@ def test_npu_pretrain_sh_runs_and_resumes_on_cpu(tmp_path):
 @pytest.mark.slow
 def test_npu_cuda_bench_runs_tiny_on_cpu(tmp_path):
     """The CUDA comparison script (PP 2, EP 2, GPU backend) at tiny size over gloo: runs and reports."""
-    pytest.importorskip("deepspeed")
+    require("deepspeed", "megatron.core")
     env = child_env(OUT_DIR=str(tmp_path))
     r = subprocess.run(["bash", os.path.join(ROOT, "launch", "npu_cuda_bench.sh"), "3", "tiny"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)

@@ -517,10 +517,13 @@ def test_cross_entropy_default_tiles():
 
 
 def test_cross_entropy_same_code_on_any_op_provider():
-    """The real OpSet runs the very same cross entropy: it calls no torch_npu op, so any namespace works."""
+    """The real OpSet runs the very same cross entropy (one method of _NpuOps, whatever the op provider), and it
+    calls no torch_npu op: on an empty namespace it still equals the reference, outputs and gradients."""
+    assert get_opset("npu_emulated").cross_entropy.__func__ is npu_ops._NpuOps.cross_entropy
     h, w, lab = _ce_inputs(torch.float64)
-    ops = npu_ops._NpuOps(types.SimpleNamespace(), ce_vocab_chunk=7)
-    torch.testing.assert_close(ops.cross_entropy(h, w, lab), get_opset("npu_emulated").cross_entropy(h, w, lab))
+    ops = npu_ops._NpuOps(types.SimpleNamespace(), ce_vocab_chunk=7, ce_token_chunk=3)
+    _assert_same_outputs_and_grads(lambda a, b: REF.cross_entropy(a, b, lab),
+                                   lambda a, b: ops.cross_entropy(a, b, lab), (h, w))
 
 
 def test_cross_entropy_rejects_bad_input():

@@ -12,26 +12,29 @@ import subprocess
 import pytest
 import torch
 
-from conftest import ROOT, child_env, rel_err, torchrun_cmd
-from dist.engine_run import step_batches
+from conftest import ROOT, child_env, rel_err, require, torchrun_cmd
+from dist.engine_run import grads_path, step_batches
 from dist.toy_objective import ToyObjective  # noqa: F401  (registers "toy")
 from sail_dist.config import ConfigError, load_config
 from sail_dist.kernels import get_opset
 from sail_dist.model.build import build_model
 
-pytest.importorskip("deepspeed")
-pytest.importorskip("megatron.core")
 TINY_MOE = os.path.join(ROOT, "configs", "model", "tiny_moe.yaml")
 TRAIN = ["train.objective=toy", "train.steps=3", "train.micro_batches=2", "train.lr=5e-4", "train.warmup_steps=1",
          "train.grad_clip=0.5"]
 
 
+# Per gradient tensor, GPU vs NPU backend: max |npu - gpu| / max |gpu|. Measured 1.2e-6 (CPU fp32, 2026-12-01).
+GRAD_RTOL = 1e-5
+
+
 def _run(nproc: int, script: str, mode: list[str], args: list[str], tmp_path, name: str) -> dict:
+    """One engine's run; its JSON with the step-0 gradients ({name: tensor}) under "grads"."""
     out = tmp_path / name
     cmd = torchrun_cmd(nproc, os.path.join(ROOT, "tests", "dist", script), *mode, str(out), *args)
-    r = subprocess.run(cmd, env=child_env(LAYER_NORMS="1"), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, env=child_env(LAYER_GRADS="1"), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "grads": torch.load(grads_path(str(out)))}
 
 
 def _by_hand_step0(dp: int) -> tuple[float, float]:
@@ -54,6 +57,7 @@ def _by_hand_step0(dp: int) -> tuple[float, float]:
 
 @pytest.mark.slow
 def test_toy_objective_same_loss_and_gradients_on_both_backends(tmp_path):
+    require("deepspeed", "megatron.core")  # the engines run in the children
     gpu = _run(2, "engine_run.py", [], [TINY_MOE, "backend.name=gpu", *TRAIN], tmp_path, "gpu.json")
     npu = _run(4, "npu_run.py", ["train"], [TINY_MOE, *TRAIN, "parallel.pp=2", "parallel.ep=2"], tmp_path, "npu.json")
     loss0, metric0 = _by_hand_step0(dp=2)
@@ -66,10 +70,15 @@ def test_toy_objective_same_loss_and_gradients_on_both_backends(tmp_path):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (step, a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * b["grad_norm"], (step, a, b)
     assert g[0]["loss"] != g[2]["loss"]  # it trains
-    gn, nn = gpu["layer_grad_norms"], npu["layer_grad_norms"]
-    assert set(gn) == set(nn) and len(gn) > 10
-    for name, v in nn.items():
-        assert abs(gn[name] - v) <= 1e-4 * v + 1e-12, (name, gn[name], v)
+    # Step-0 gradients tensor by tensor (GPU ZeRO-2 gathered vs NPU shards, experts and stages placed by name):
+    # a norm would not see swapped experts or a flipped sign.
+    gg, ng = gpu["grads"], npu["grads"]
+    assert set(gg) == set(ng) and len(gg) > 10
+    assert all(gg[k].shape == ng[k].shape for k in gg)
+    errs = {k: rel_err(ng[k], gg[k]) for k in gg}
+    worst = max(errs, key=errs.get)
+    print(f"seam: {len(errs)} tensors, max grad rel {errs[worst]:.2e} at {worst}")
+    assert errs[worst] <= GRAD_RTOL, (worst, errs[worst], sorted(errs.items(), key=lambda kv: -kv[1])[:5])
 
 
 def test_objective_is_validated_at_parse_time():

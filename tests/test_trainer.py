@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, child_env, torchrun_cmd
+from conftest import ROOT, child_env, require, torchrun_cmd
 
-pytest.importorskip("deepspeed")
 DEMO = os.path.join(ROOT, "configs", "demo", "demo.yaml")
 
 
@@ -23,6 +22,7 @@ def demo_dir(tmp_path_factory):
 
 
 def _cmd(nproc: int, out_dir: str, demo_dir: str, *overrides: str) -> list[str]:
+    require("deepspeed")  # a training run (GPU backend); the bad-config test never gets that far
     return torchrun_cmd(nproc, "-m", "sail_dist", "--config", DEMO,
             f"train.out_dir={out_dir}", f"data.demo_dir={demo_dir}", "train.eval_samples=0", "train.log_every=1",
             "data.pack_tokens=512", "data.num_workers=1", "train.micro_batches=2", "train.lr_schedule=cosine",

@@ -8,26 +8,38 @@ weights, fp32 on CPU:
     GPU backend: DeepSpeed ZeRO-2, DP 2                        (2 processes)
     NPU backend: Megatron PP 2 x EP 2 (DP 2), distributed opt. (4 processes)
 
-Compared: the global loss per step, and at step 1 the norm of every parameter's full reduced gradient
-(before clipping), the first ViT and LLM layers included.
+Compared: the global loss per step, and at step 1 every parameter's full reduced gradient (before clipping) as
+a tensor: max |npu - gpu| / max |gpu| per tensor, reported per tensor and per layer (the first ViT and LLM
+layers included). A norm alone would not see swapped experts or a flipped sign; the per-parameter norms are
+printed beside it as the human-readable summary.
 
     launch/parity.sh [STEPS] [CONFIG] [key=value ...]          # both runs + the comparison
     torchrun ... -m sail_dist.bench.parity run OUT.json CONFIG [key=value ...]
-    python -m sail_dist.bench.parity compare GPU.json NPU.json [--loss-rtol 1e-5] [--grad-rtol 1e-4]
+    python -m sail_dist.bench.parity compare GPU.json NPU.json [--loss-rtol 1e-5] [--grad-rtol 1e-5]
 
-`compare` prints a table of per-step losses and per-layer gradient norms side by side with relative
-differences, then one JSON line; it exits 1 when a tolerance is exceeded.
+`run` writes OUT.json (losses, layout) and OUT.grads.pt (the step-1 gradients, {name: tensor}; rank 0).
+`compare` prints a table of per-step losses, one of per-parameter gradient norms and tensor differences, one
+per layer, then one JSON line; it exits 1 when a tolerance is exceeded.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
+
+import torch
+
+
+def grads_file(out: str) -> str:
+    """The step-1 gradients of the run whose JSON is `out`."""
+    return (out[:-len(".json")] if out.endswith(".json") else out) + ".grads.pt"
 
 
 def run(out: str, config: str, overrides: list[str]) -> None:
-    """Train `train.steps` steps with the configured backend; rank 0 writes losses and step-1 gradient norms."""
+    """Train `train.steps` steps with the configured backend; rank 0 writes the losses (OUT.json) and the step-1
+    gradients (OUT.grads.pt)."""
     from sail_dist.backends.base import get_backend
     from sail_dist.config import load_config
     from sail_dist.data.loader import build_loader
@@ -39,31 +51,50 @@ def run(out: str, config: str, overrides: list[str]) -> None:
     try:
         loader = build_loader(cfg, dp_rank=env.dp_rank, dp_size=env.dp_size)
         engine = backend.build(cfg, env)
-        steps, norms = [], {}
+        steps, grads = [], {}
         for step in range(cfg.train.steps):
             data = next(loader)
-            engine.track_layer_grad_norms = step == 0
+            engine.track_layer_grads = step == 0  # collective recording inside the step
             s = engine.train_step(data.micro_batches, lr_at(cfg.train, step))
             if step == 0:
-                norms = engine.layer_grad_norms()
+                grads = engine.layer_grads()  # rank 0; {} elsewhere
             steps.append({"loss": s.loss, "grad_norm": s.grad_norm, "aux_loss": s.aux_loss, "skipped": s.skipped})
         loader.close()
         if env.rank == 0:
             p = cfg.parallel
             layout = ("ZeRO-%d DP %d" % (cfg.backend.zero_stage, env.dp_size) if cfg.backend.name == "gpu" else
                       f"PP {p.pp} x EP {p.ep} x DP {env.dp_size}" + (f" x VPP {p.vpp}" if p.vpp > 1 else ""))
+            torch.save(grads, grads_file(out))
             with open(out, "w") as f:
                 json.dump({"backend": cfg.backend.name, "layout": layout, "world": env.world_size,
                            "device": env.device_name, "opset": engine.ops.name, "steps": steps,
-                           "layer_grad_norms": norms}, f)
+                           "layer_grads": os.path.basename(grads_file(out))}, f)
     finally:
         backend.teardown()
+
+
+def load_run(path: str) -> dict:
+    """A run's JSON with its step-1 gradients loaded ({name: tensor} under "layer_grads")."""
+    with open(path) as f:
+        r = json.load(f)
+    r["layer_grads"] = torch.load(os.path.join(os.path.dirname(os.path.abspath(path)), r["layer_grads"]))
+    return r
 
 
 def _rel(a: float, b: float) -> float:
     if a == b:
         return 0.0
     return abs(a - b) / max(abs(a), abs(b), 1e-30)
+
+
+def tensor_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (b the reference: here the GPU backend), in float64; inf for different shapes."""
+    if a.shape != b.shape:
+        return math.inf
+    a, b = a.detach().double(), b.detach().double()
+    if a.numel() == 0:
+        return 0.0
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def _layer_order(name: str) -> tuple:
@@ -75,8 +106,17 @@ def _layer_order(name: str) -> tuple:
     return top, sub, idx, name
 
 
-def compare(gpu: dict, npu: dict, loss_rtol: float = 1e-5, grad_rtol: float = 1e-4) -> dict:
-    """Print the side-by-side tables; return the summary (also printed as the last line, JSON)."""
+def layer_of(name: str) -> str:
+    """The layer a parameter belongs to: up to its block index (`llm.layers.3`, `vision.blocks.0`), else its
+    module (`llm.embed_tokens`, `adapter.mlp`)."""
+    parts = name.split(".")
+    i = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    return ".".join(parts[:i + 1] if i is not None else parts[:-1]) or name
+
+
+def compare(gpu: dict, npu: dict, loss_rtol: float = 1e-5, grad_rtol: float = 1e-5) -> dict:
+    """Print the side-by-side tables; return the summary (also printed as the last line, JSON). `gpu` / `npu` are
+    `load_run` results: the step-1 gradients as tensors under "layer_grads"."""
     lines = [f"parity: GPU backend ({gpu['layout']}, {gpu['opset']}) vs NPU backend ({npu['layout']}, {npu['opset']}) "
              f"on {gpu['device']}", "",
              f"{'step':>4}  {'loss gpu':>14}  {'loss npu':>14}  {'rel diff':>9}  {'gnorm gpu':>11}  {'gnorm npu':>11}  "
@@ -87,38 +127,60 @@ def compare(gpu: dict, npu: dict, loss_rtol: float = 1e-5, grad_rtol: float = 1e
         loss_rel.append(r)
         lines.append(f"{i + 1:>4}  {g['loss']:>14.8f}  {n['loss']:>14.8f}  {r:>9.2e}  {g['grad_norm']:>11.6f}  "
                      f"{n['grad_norm']:>11.6f}  {rg:>9.2e}")
-    gn, nn_ = gpu["layer_grad_norms"], npu["layer_grad_norms"]
-    missing = sorted(set(gn) ^ set(nn_))
-    names = sorted(set(gn) & set(nn_), key=_layer_order)
-    grad_rel = {k: _rel(gn[k], nn_[k]) for k in names}
+    gg, ng = gpu["layer_grads"], npu["layer_grads"]
+    missing = sorted(set(gg) ^ set(ng))
+    names = sorted(set(gg) & set(ng), key=_layer_order)
+    gn = {k: float(gg[k].double().norm()) for k in names}  # the summary: norms from the same tensors
+    nn_ = {k: float(ng[k].double().norm()) for k in names}
+    norm_rel = {k: _rel(gn[k], nn_[k]) for k in names}
+    grad_rel = {k: tensor_rel(ng[k], gg[k]) for k in names}
+    shape_mismatch = [k for k in names if gg[k].shape != ng[k].shape]
     width = max((len(k) for k in names), default=10)
-    lines += ["", f"per-parameter gradient norms at step 1 (full reduced gradient, before clipping): "
-                  f"{len(names)} tensors",
-              f"{'parameter':<{width}}  {'gpu':>12}  {'npu':>12}  {'rel diff':>9}"]
+    lines += ["", f"per-parameter gradients at step 1 (full reduced gradient, before clipping): {len(names)} tensors; "
+                  f"norms, their rel. diff, and the tensors' max |npu - gpu| / max |gpu|",
+              f"{'parameter':<{width}}  {'norm gpu':>12}  {'norm npu':>12}  {'norm rel':>9}  {'tensor rel':>10}"]
     for k in names:
         flag = "  <-- exceeds" if grad_rel[k] > grad_rtol else ""
-        lines.append(f"{k:<{width}}  {gn[k]:>12.6e}  {nn_[k]:>12.6e}  {grad_rel[k]:>9.2e}{flag}")
+        lines.append(f"{k:<{width}}  {gn[k]:>12.6e}  {nn_[k]:>12.6e}  {norm_rel[k]:>9.2e}  {grad_rel[k]:>10.2e}{flag}")
     if missing:
         lines.append(f"parameters on one side only: {missing}")
-    first_vit = next((k for k in names if k.startswith("vision.blocks.0.")), None)
-    first_llm = next((k for k in names if k.startswith("llm.layers.0.")), None)
+    if shape_mismatch:
+        lines.append(f"different shapes: {[(k, tuple(gg[k].shape), tuple(ng[k].shape)) for k in shape_mismatch]}")
+    layers: dict[str, list[str]] = {}
+    for k in names:
+        layers.setdefault(layer_of(k), []).append(k)
+    layer_rel = {lay: max(grad_rel[k] for k in ks) for lay, ks in layers.items()}
+    lw = max((len(k) for k in layers), default=10)
+    lines += ["", "per layer: the largest tensor difference among its parameters",
+              f"{'layer':<{lw}}  {'tensors':>7}  {'max tensor rel':>14}  worst"]
+    for lay, ks in layers.items():
+        w = max(ks, key=grad_rel.get)
+        flag = "  <-- exceeds" if layer_rel[lay] > grad_rtol else ""
+        lines.append(f"{lay:<{lw}}  {len(ks):>7}  {layer_rel[lay]:>14.2e}  {w[len(lay) + 1:] or w}{flag}")
+    first_vit = "vision.blocks.0" if "vision.blocks.0" in layers else None
+    first_llm = "llm.layers.0" if "llm.layers.0" in layers else None
     worst = max(grad_rel, key=grad_rel.get) if grad_rel else None
+    worst_norm = max(norm_rel, key=norm_rel.get) if norm_rel else None
     summary = {
         "steps": len(loss_rel), "max_loss_rel": max(loss_rel, default=math.nan),
-        "max_grad_rel": grad_rel[worst] if worst else math.nan, "worst_param": worst, "n_params": len(names),
-        "first_vit_layer_grad_rel": max((v for k, v in grad_rel.items() if k.startswith("vision.blocks.0.")),
-                                        default=math.nan),
-        "first_llm_layer_grad_rel": max((v for k, v in grad_rel.items() if k.startswith("llm.layers.0.")),
-                                        default=math.nan),
-        "loss_rtol": loss_rtol, "grad_rtol": grad_rtol, "missing": missing,
+        "max_grad_rel": grad_rel[worst] if worst else math.nan, "worst_param": worst,
+        "mean_grad_rel": sum(grad_rel.values()) / len(grad_rel) if grad_rel else math.nan,
+        "n_params": len(names),
+        "first_vit_layer_grad_rel": layer_rel[first_vit] if first_vit else math.nan,
+        "first_llm_layer_grad_rel": layer_rel[first_llm] if first_llm else math.nan,
+        "max_grad_norm_rel": norm_rel[worst_norm] if worst_norm else math.nan, "worst_norm_param": worst_norm,
+        "layer_grad_rel": layer_rel,
+        "loss_rtol": loss_rtol, "grad_rtol": grad_rtol, "missing": missing, "shape_mismatch": shape_mismatch,
         "gpu": gpu["layout"], "npu": npu["layout"],
     }
-    summary["ok"] = bool(loss_rel and names and not missing and first_vit and first_llm
+    summary["ok"] = bool(loss_rel and names and not missing and not shape_mismatch and first_vit and first_llm
                          and summary["max_loss_rel"] <= loss_rtol and summary["max_grad_rel"] <= grad_rtol)
     lines += ["", f"max loss rel diff {summary['max_loss_rel']:.2e} (tol {loss_rtol:g}) over {len(loss_rel)} steps; "
-                  f"max grad-norm rel diff {summary['max_grad_rel']:.2e} (tol {grad_rtol:g}) at {worst}; "
-                  f"first ViT layer {summary['first_vit_layer_grad_rel']:.2e}, first LLM layer "
-                  f"{summary['first_llm_layer_grad_rel']:.2e} -> {'PASS' if summary['ok'] else 'FAIL'}"]
+                  f"max gradient tensor rel diff {summary['max_grad_rel']:.2e} (tol {grad_rtol:g}) at {worst} "
+                  f"(mean over {len(names)} tensors {summary['mean_grad_rel']:.2e}); first ViT layer "
+                  f"{summary['first_vit_layer_grad_rel']:.2e}, first LLM layer "
+                  f"{summary['first_llm_layer_grad_rel']:.2e}; max norm rel diff {summary['max_grad_norm_rel']:.2e} "
+                  f"-> {'PASS' if summary['ok'] else 'FAIL'}"]
     print("\n".join(lines))
     print(json.dumps(summary))
     return summary
@@ -136,16 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("gpu")
     c.add_argument("npu")
     c.add_argument("--loss-rtol", type=float, default=1e-5)
-    c.add_argument("--grad-rtol", type=float, default=1e-4)
+    c.add_argument("--grad-rtol", type=float, default=1e-5)
     args = p.parse_args(argv)
     if args.cmd == "run":
         run(args.out, args.config, args.overrides)
         return 0
-    with open(args.gpu) as f:
-        gpu = json.load(f)
-    with open(args.npu) as f:
-        npu = json.load(f)
-    return 0 if compare(gpu, npu, args.loss_rtol, args.grad_rtol)["ok"] else 1
+    return 0 if compare(load_run(args.gpu), load_run(args.npu), args.loss_rtol, args.grad_rtol)["ok"] else 1
 
 
 if __name__ == "__main__":

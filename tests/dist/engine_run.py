@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node 2 tests/dist/engine_run.py OUT.json CONFIG.yaml [overrides...]
 
-Writes {"steps": [per-step stats], "layer_grad_norms": {name: norm at step 0} (with LAYER_NORMS=1)}.
+Writes {"steps": [per-step stats]} to OUT.json and, with LAYER_GRADS=1, every parameter's full reduced gradient at
+step 0 ({name: tensor}, `engine.layer_grads()`) to OUT.grads.pt (`grads_path`).
 """
 from __future__ import annotations
 
@@ -10,11 +11,17 @@ import json
 import os
 import sys
 
+import torch
 
 from dist.toy_objective import add_toy_extras  # also registers train.objective=toy
 from sail_dist.config import Config, load_config
 from sail_dist.data.synthetic import synthetic_batch
 from sail_dist.train.lr import lr_at
+
+
+def grads_path(out_json: str) -> str:
+    """Where a run writing `out_json` saves its step-0 gradients (torch.save of {name: tensor})."""
+    return out_json[:-len(".json")] + ".grads.pt" if out_json.endswith(".json") else out_json + ".grads.pt"
 
 
 def step_batches(cfg: Config, step: int, dp_rank: int, dp_size: int) -> list:
@@ -39,17 +46,17 @@ def main() -> None:
     backend = get_backend(cfg.backend.name)
     env = backend.setup(cfg)
     engine = backend.build(cfg, env)
-    rows, norms = [], {}
+    rows = []
     for step in range(cfg.train.steps):
-        engine.track_layer_grad_norms = step == 0 and os.environ.get("LAYER_NORMS") == "1"
+        engine.track_layer_grads = step == 0 and os.environ.get("LAYER_GRADS") == "1"
         stats = engine.train_step(step_batches(cfg, step, env.dp_rank, env.dp_size), lr_at(cfg.train, step))
-        if engine.track_layer_grad_norms:
-            norms = engine.layer_grad_norms()
+        if engine.track_layer_grads and env.rank == 0:
+            torch.save(engine.layer_grads(), grads_path(out_path))
         rows.append({"loss": stats.loss, "grad_norm": stats.grad_norm, "aux": stats.aux_loss, "skipped": stats.skipped,
                      "metrics": stats.metrics})
     if env.rank == 0:
         with open(out_path, "w") as f:
-            json.dump({"steps": rows, "layer_grad_norms": norms}, f)
+            json.dump({"steps": rows}, f)
     backend.teardown()
 
 

@@ -3,7 +3,8 @@
     torchrun --nproc_per_node N tests/dist/npu_run.py MODE OUT.json CONFIG.yaml [overrides...]
 
 MODE:
-  train      per-step loss / grad norm / aux, per-parameter gradient norms at step 1 (index 0)
+  train      per-step loss / grad norm / aux; every parameter's full reduced gradient at step 1 (index 0), saved
+             by rank 0 as a {name: tensor} dict in OUT.grads.pt beside OUT.json
   resume     train K = steps // 2 steps, save a dist checkpoint, train to the end; then a fresh engine
              loads the checkpoint and trains steps K.. again: both tails are reported
   nonfinite  engine A: steps 0, 1; engine B: step 0, a step with a NaN loss weight (must be skipped), step 1
@@ -18,7 +19,7 @@ import sys
 
 import torch
 
-from dist.engine_run import step_batches
+from dist.engine_run import grads_path, step_batches
 from sail_dist.config import load_config
 from sail_dist.train.lr import lr_at
 
@@ -47,10 +48,11 @@ def main() -> None:
 
     n = cfg.train.steps
     if mode == "train":
-        engine.track_layer_grad_norms = True
+        engine.track_layer_grads = True
         result["steps"] = run(engine, [0])
-        result["layer_grad_norms"] = engine.layer_grad_norms()
-        engine.track_layer_grad_norms = False
+        if env.rank == 0:
+            torch.save(engine.layer_grads(), grads_path(out_path))
+        engine.track_layer_grads = False
         result["steps"] += run(engine, range(1, n))
     elif mode == "resume":
         k = n // 2

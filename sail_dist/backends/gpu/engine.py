@@ -72,8 +72,8 @@ class DeepSpeedEngine:
                                     fused=fused, foreach=None if fused else True)
             self.ds, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=opt,
                                                                  config=self.ds_config)
-        self.track_layer_grad_norms = False  # parity: record per-parameter gradient norms in train_step
-        self.last_layer_grad_norms: dict[str, float] = {}
+        self.track_layer_grads = False  # parity: record every parameter's full reduced gradient in train_step
+        self.last_layer_grads: dict[str, torch.Tensor] = {}
         log.info("GPU backend: ZeRO-%d, %s, opset=%s, offload=%s, trainable=%s", cfg.backend.zero_stage,
                  self.dtype, self.ops.name, cfg.backend.offload_optimizer, self.trainable)
 
@@ -124,8 +124,8 @@ class DeepSpeedEngine:
             out = self.ds(batch)
             share = obj.loss(out, batch)
             self.ds.backward(share.loss * scale)
-            if self.track_layer_grad_norms and i == len(micro_batches) - 1:
-                self.last_layer_grad_norms = self._layer_grad_norms()  # reduced, before clipping and the step
+            if self.track_layer_grads and i == len(micro_batches) - 1:
+                self.last_layer_grads = self._layer_grads()  # reduced, before clipping and the step
             self.ds.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             sums[0] += share.loss.detach().double()
             for j, name in enumerate(obj.metrics):
@@ -151,22 +151,29 @@ class DeepSpeedEngine:
                               metrics={n: float(sums[2 + j]) for j, n in enumerate(obj.metrics)},
                               time_s=time.perf_counter() - t0)
 
-    def _layer_grad_norms(self) -> dict[str, float]:
-        """Collective. Per parameter name: the norm of its full DP-reduced gradient (ZeRO-2 partitions gathered)."""
+    def _layer_grads(self) -> dict[str, torch.Tensor]:
+        """Collective. Rank 0: per parameter name, its full DP-reduced gradient (before clipping), on the CPU in
+        DeepSpeed's accumulation dtype (fp32: `safe_get_full_grad` all-reduces the ZeRO-2 partitions); {} on the
+        other ranks. A tied lm head is listed once, as the embedding (named_parameters)."""
         from deepspeed.utils import safe_get_full_grad
 
+        keep = self.env.rank == 0
         out = {}
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                g = safe_get_full_grad(p)
-                out[name] = float(g.double().norm()) if g is not None else 0.0
+                g = safe_get_full_grad(p)  # every rank takes part in its all-reduce
+                if keep:
+                    out[name] = (g.detach().to("cpu", copy=True) if g is not None
+                                 else torch.zeros(p.shape, dtype=torch.float32))
         return out
 
-    def layer_grad_norms(self) -> dict[str, float]:
-        """The per-parameter gradient norms of the last step (set `track_layer_grad_norms = True` before it)."""
-        if not self.track_layer_grad_norms:
-            raise RuntimeError("set engine.track_layer_grad_norms = True before train_step to record per-layer norms")
-        return dict(self.last_layer_grad_norms)
+    def layer_grads(self) -> dict[str, torch.Tensor]:
+        """The last step's full reduced gradients, per parameter name, on rank 0 ({} elsewhere). Set
+        `track_layer_grads = True` before the step: recording is collective and happens inside train_step
+        (after the last backward, before clipping and the update)."""
+        if not self.track_layer_grads:
+            raise RuntimeError("set engine.track_layer_grads = True before train_step to record per-layer gradients")
+        return dict(self.last_layer_grads)
 
     # ----------------------------------------------------------------------------------------------
     def save(self, path: str) -> None:

@@ -148,8 +148,8 @@ class MegatronEngine:
         self._optimizer_steps = 0  # successful updates (skipped steps do not count): Adam's step, checkpointed
         self._chunk_of = {id(c): i for i, c in enumerate(self.chunks)}
         self._param_names = {p: n for st in self.stages for n, p in st.named_parameters()}
-        self.track_layer_grad_norms = False
-        self.last_layer_grad_norms: dict[str, float] = {}
+        self.track_layer_grads = False  # parity: record every parameter's full reduced gradient in train_step
+        self.last_layer_grads: dict[str, torch.Tensor] = {}
         self._local_layers = [i for st in self.stages for i in st.spec.llm_layers]
         if env.rank == 0:
             log.info("NPU backend engine: %s, opset=%s, %s, trainable=%s\n%s", self.dims.describe(), self.ops.name,
@@ -257,8 +257,8 @@ class MegatronEngine:
 
         self.optimizer.prepare_grads()
         grad_norm = float(self.optimizer.get_grad_norm())
-        if self.track_layer_grad_norms:
-            self.last_layer_grad_norms = self._layer_grad_norms()
+        if self.track_layer_grads:
+            self.last_layer_grads = self._layer_grads()  # reduced, before clipping and the update
         skipped = not (math.isfinite(loss_val) and math.isfinite(grad_norm))
         if skipped:
             for c in self.chunks:
@@ -290,14 +290,16 @@ class MegatronEngine:
         self.optimizer.step_with_ready_grads()
 
     # ----------------------------------------------------------------------------------------------
-    def _layer_grad_norms(self) -> dict[str, float]:
-        """Collective. Per global parameter name: the norm of its full reduced gradient (before clipping).
+    def _layer_grads(self) -> dict[str, torch.Tensor]:
+        """Collective. Rank 0: per global parameter name, its full reduced gradient (before clipping), on the CPU in
+        the gradient buffer's dtype (`main_grad`); {} on the other ranks.
 
         After the distributed optimizer's reduce-scatter each DP rank holds the reduced gradient of its shard
-        only; expert tensors are split over EP ranks and stages hold different layers. Squares of the owned
-        pieces are summed over the world per name; the tied lm-head copy (same gradient as the embedding)
-        is left out."""
-        sq: dict[str, float] = {}
+        only (its range of `main_grad`); expert tensors are split over EP ranks (slice ep_rank of ep on dim 0,
+        as `full_state_dict` concatenates them) and stages hold different layers. Every rank sends its pieces
+        with their offset in the full flattened tensor, rank 0 places them and checks that each element came
+        exactly once. The tied lm-head copy on the last stage (same gradient as the embedding) is left out."""
+        pieces: list[tuple[str, tuple[int, ...], int, torch.Tensor]] = []
         for opt in self.optimizer.chained_optimizers:
             if getattr(opt, "is_stub_optimizer", False):
                 continue
@@ -305,22 +307,37 @@ class MegatronEngine:
                 if getattr(p, "shared", False):
                     continue
                 r = opt._get_model_param_range_map(p)["param"]
-                piece = p.main_grad.view(-1)[r.start:r.end].double()
-                name = self._param_names[p]
-                sq[name] = sq.get(name, 0.0) + float((piece * piece).sum())
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, sq)
-        total: dict[str, float] = {}
-        for d in gathered:
-            for k, v in d.items():
-                total[k] = total.get(k, 0.0) + v
-        return {k: math.sqrt(v) for k, v in sorted(total.items())}
+                ep_rank, ep = getattr(p, "expert_parallel", (0, 1))
+                full_shape = (p.shape[0] * ep, *p.shape[1:])
+                piece = p.main_grad.view(-1)[r.start:r.end].detach().to("cpu", copy=True)
+                pieces.append((self._param_names[p], full_shape, ep_rank * p.numel() + r.start, piece))
+        gathered = [None] * dist.get_world_size() if self.env.rank == 0 else None
+        dist.gather_object(pieces, gathered, dst=0)
+        if self.env.rank != 0:
+            return {}
+        flat: dict[str, torch.Tensor] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        seen: dict[str, torch.Tensor] = {}
+        for part in gathered:
+            for name, shape, offset, piece in part:
+                if name not in flat:
+                    shapes[name] = tuple(shape)
+                    flat[name] = torch.zeros(math.prod(shape), dtype=piece.dtype)
+                    seen[name] = torch.zeros(math.prod(shape), dtype=torch.int32)
+                flat[name][offset:offset + piece.numel()] = piece
+                seen[name][offset:offset + piece.numel()] += 1
+        bad = [n for n, c in seen.items() if not bool((c == 1).all())]
+        if bad:
+            raise RuntimeError(f"gradient shards do not cover these parameters exactly once: {sorted(bad)}")
+        return {n: flat[n].view(shapes[n]) for n in sorted(flat)}
 
-    def layer_grad_norms(self) -> dict[str, float]:
-        """The per-parameter gradient norms of the last step (set `track_layer_grad_norms = True` before it)."""
-        if not self.track_layer_grad_norms:
-            raise RuntimeError("set engine.track_layer_grad_norms = True before train_step to record per-layer norms")
-        return dict(self.last_layer_grad_norms)
+    def layer_grads(self) -> dict[str, torch.Tensor]:
+        """The last step's full reduced gradients, per global parameter name, on rank 0 ({} elsewhere). Set
+        `track_layer_grads = True` before the step: recording is collective and happens inside train_step
+        (after the gradient reduction, before clipping and the update)."""
+        if not self.track_layer_grads:
+            raise RuntimeError("set engine.track_layer_grads = True before train_step to record per-layer gradients")
+        return dict(self.last_layer_grads)
 
     # ----------------------------------------------------------------------------------------------
     def _sharded_model_state(self) -> dict[str, ShardedTensor]:
