@@ -52,6 +52,21 @@ class TrainStepStats:
     time_s: float = 0.0
 
 
+class LayerGradRecorder:
+    """Per-parameter gradients of one step, for parity checks: set `track_layer_grads = True` before
+    `train_step`; the engine records its full reduced gradients inside the step (collective: after the
+    reduction, before clipping and the update) into `last_layer_grads`, on rank 0."""
+
+    track_layer_grads: bool = False
+    last_layer_grads: dict[str, torch.Tensor] = {}  # replaced per step, never mutated
+
+    def layer_grads(self) -> dict[str, torch.Tensor]:
+        """The last recorded step's gradients per global parameter name, on rank 0 ({} elsewhere)."""
+        if not self.track_layer_grads:
+            raise RuntimeError("set engine.track_layer_grads = True before train_step to record per-layer gradients")
+        return dict(self.last_layer_grads)
+
+
 class Engine(Protocol):
     model: nn.Module  # the unwrapped single-device model (for evaluation and export)
 

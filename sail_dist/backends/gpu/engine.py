@@ -20,7 +20,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from sail_dist.backends.base import DistEnv, TrainStepStats, all_reduce_sum, check_micro_batches, model_dtype
+from sail_dist.backends.base import (DistEnv, LayerGradRecorder, TrainStepStats, all_reduce_sum, check_micro_batches,
+                                    model_dtype)
 from sail_dist.config import Config
 from sail_dist.data.batch import PackedBatch
 from sail_dist.kernels import opset_for_backend
@@ -48,7 +49,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(LayerGradRecorder):
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         import deepspeed
 
@@ -72,8 +73,6 @@ class DeepSpeedEngine:
                                     fused=fused, foreach=None if fused else True)
             self.ds, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=opt,
                                                                  config=self.ds_config)
-        self.track_layer_grads = False  # parity: record every parameter's full reduced gradient in train_step
-        self.last_layer_grads: dict[str, torch.Tensor] = {}
         log.info("GPU backend: ZeRO-%d, %s, opset=%s, offload=%s, trainable=%s", cfg.backend.zero_stage,
                  self.dtype, self.ops.name, cfg.backend.offload_optimizer, self.trainable)
 
@@ -166,14 +165,6 @@ class DeepSpeedEngine:
                     out[name] = (g.detach().to("cpu", copy=True) if g is not None
                                  else torch.zeros(p.shape, dtype=torch.float32))
         return out
-
-    def layer_grads(self) -> dict[str, torch.Tensor]:
-        """The last step's full reduced gradients, per parameter name, on rank 0 ({} elsewhere). Set
-        `track_layer_grads = True` before the step: recording is collective and happens inside train_step
-        (after the last backward, before clipping and the update)."""
-        if not self.track_layer_grads:
-            raise RuntimeError("set engine.track_layer_grads = True before train_step to record per-layer gradients")
-        return dict(self.last_layer_grads)
 
     # ----------------------------------------------------------------------------------------------
     def save(self, path: str) -> None:

@@ -39,7 +39,8 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from sail_dist.backends.base import DistEnv, TrainStepStats, all_reduce_sum, check_micro_batches, model_dtype
+from sail_dist.backends.base import (DistEnv, LayerGradRecorder, TrainStepStats, all_reduce_sum, check_micro_batches,
+                                    model_dtype)
 from sail_dist.config import Config
 from sail_dist.data.batch import PackedBatch
 from sail_dist.kernels import opset_for_backend
@@ -70,7 +71,7 @@ def _tied_head(name: str, t: torch.Tensor, sd: dict) -> bool:
     return name == "llm.lm_head.weight" and t is sd.get("llm.embed_tokens.weight")
 
 
-class MegatronEngine:
+class MegatronEngine(LayerGradRecorder):
     def __init__(self, cfg: Config, env: DistEnv, dims: ParallelDims, platform: str) -> None:
         self.cfg, self.env, self.dims, self.platform = cfg, env, dims, platform
         t, llm = cfg.train, cfg.model.llm
@@ -148,8 +149,6 @@ class MegatronEngine:
         self._optimizer_steps = 0  # successful updates (skipped steps do not count): Adam's step, checkpointed
         self._chunk_of = {id(c): i for i, c in enumerate(self.chunks)}
         self._param_names = {p: n for st in self.stages for n, p in st.named_parameters()}
-        self.track_layer_grads = False  # parity: record every parameter's full reduced gradient in train_step
-        self.last_layer_grads: dict[str, torch.Tensor] = {}
         self._local_layers = [i for st in self.stages for i in st.spec.llm_layers]
         if env.rank == 0:
             log.info("NPU backend engine: %s, opset=%s, %s, trainable=%s\n%s", self.dims.describe(), self.ops.name,
@@ -330,14 +329,6 @@ class MegatronEngine:
         if bad:
             raise RuntimeError(f"gradient shards do not cover these parameters exactly once: {sorted(bad)}")
         return {n: flat[n].view(shapes[n]) for n in sorted(flat)}
-
-    def layer_grads(self) -> dict[str, torch.Tensor]:
-        """The last step's full reduced gradients, per global parameter name, on rank 0 ({} elsewhere). Set
-        `track_layer_grads = True` before the step: recording is collective and happens inside train_step
-        (after the gradient reduction, before clipping and the update)."""
-        if not self.track_layer_grads:
-            raise RuntimeError("set engine.track_layer_grads = True before train_step to record per-layer gradients")
-        return dict(self.last_layer_grads)
 
     # ----------------------------------------------------------------------------------------------
     def _sharded_model_state(self) -> dict[str, ShardedTensor]:
