@@ -23,31 +23,29 @@ from sail_dist.parallel.compile import apply_compile
 from sail_dist.parallel.freeze import apply_freeze
 
 
-def apply_moe_hooks(model: nn.Module, aux_grad_scale: float,
+def apply_moe_hooks(model: nn.Module, aux_loss_weight: float,
                     reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None) -> int:
     """Give every MoE layer the gradient scale of its aux loss and the expert-count reduction over DP.
 
-    `aux_grad_scale` is d(step objective)/d(layer aux loss) per micro-batch and rank as the engine's framework
-    will scale it (each engine derives it in its docstring); returns the number of MoE layers."""
+    `aux_loss_weight` is d(step objective)/d(aux loss averaged over the MoE layers) per micro-batch and rank, as
+    the engine's framework will scale it (each engine derives it in its docstring); each layer gets its share of
+    the average. Returns the number of MoE layers."""
     moe = model.moe_layers()
     for m in moe:
-        m.aux_grad_scale = aux_grad_scale
+        m.aux_grad_scale = aux_loss_weight / len(moe)
         m.reduce_counts = reduce_counts
     return len(moe)
 
 
-def build_train_model(cfg: Config, ops: OpSet, *, aux_grad_scale: Callable[[int], float],
+def build_train_model(cfg: Config, ops: OpSet, *, aux_loss_weight: float,
                       reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[SailVL, dict[str, int]]:
-    """The model as every engine trains it; returns it with its trainable parameter counts per part.
-
-    aux_grad_scale(n_moe_layers) -> the engine's per-layer aux-loss gradient scale (see `apply_moe_hooks`)."""
+    """The model as every engine trains it; returns it with its trainable parameter counts per part
+    (`aux_loss_weight`, `reduce_counts`: see `apply_moe_hooks`)."""
     t = cfg.train
     model = build_model(cfg.model, ops, seed=t.seed, init_from=t.init_from)
     trainable = apply_freeze(model, t.train_modules)
     if t.compile:
         apply_compile(model)
     apply_activation_checkpointing(model, t.activation_checkpointing.vit, t.activation_checkpointing.llm)
-    n_moe = len(model.moe_layers())
-    if n_moe:
-        apply_moe_hooks(model, aux_grad_scale(n_moe), reduce_counts)
+    apply_moe_hooks(model, aux_loss_weight, reduce_counts)
     return model, trainable

@@ -57,7 +57,7 @@ class DeepSpeedEngine(LayerGradRecorder):
         t = cfg.train
         self.ops = resolve_opset(cfg, env.device)
         self.model, self.trainable = build_train_model(
-            cfg, self.ops, aux_grad_scale=lambda n_moe: cfg.model.llm.aux_loss_coeff / (n_moe * t.micro_batches),
+            cfg, self.ops, aux_loss_weight=cfg.model.llm.aux_loss_coeff / t.micro_batches,
             reduce_counts=all_reduce_sum() if env.dp_size > 1 else None)
         self.objective = build_objective(t.objective)
         self.dtype = model_dtype(cfg, env.device)

@@ -81,7 +81,7 @@ class MegatronEngine(LayerGradRecorder):
         self.dtype = model_dtype(cfg, env.device)
 
         model, self.trainable = build_train_model(
-            cfg, self.ops, aux_grad_scale=lambda n_moe: llm.aux_loss_coeff / n_moe,
+            cfg, self.ops, aux_loss_weight=llm.aux_loss_coeff,
             reduce_counts=all_reduce_sum(ps.get_data_parallel_group()) if dims.dp > 1 else None)
         self.objective = build_objective(t.objective)
         # Global MoE layer numbering (for expert-count stats) before the model is pruned to this stage.
@@ -149,7 +149,11 @@ class MegatronEngine(LayerGradRecorder):
         self._optimizer_steps = 0  # successful updates (skipped steps do not count): Adam's step, checkpointed
         self._chunk_of = {id(c): i for i, c in enumerate(self.chunks)}
         self._param_names = {p: n for st in self.stages for n, p in st.named_parameters()}
+        # The parts of the model this rank computes (FLOPs accounting): its LLM layers, the vision side and
+        # embedding on the first stage, the head on the last.
         self._local_layers = [i for st in self.stages for i in st.spec.llm_layers]
+        self._has_vision = any(st.spec.first for st in self.stages)
+        self._has_head = any(st.spec.last for st in self.stages)
         if env.rank == 0:
             log.info("NPU backend engine: %s, opset=%s, %s, trainable=%s\n%s", self.dims.describe(), self.ops.name,
                      self.dtype, self.trainable, self.plan.describe())
@@ -165,8 +169,7 @@ class MegatronEngine(LayerGradRecorder):
         on the first stage, the head on the last. Expert compute is counted where the tokens come from (top-k
         active), so world sums are right."""
         parts = batch_flops_by_part(self.cfg.model, mb, self.cfg.train.train_modules).train
-        return parts.select(self._local_layers, vision=any(st.spec.first for st in self.stages),
-                            head=any(st.spec.last for st in self.stages))
+        return parts.select(self._local_layers, vision=self._has_vision, head=self._has_head)
 
     def _init_optimizer_state(self) -> None:
         """Create torch AdamW's per-parameter state now (what its first step would create: step 0, zero moments).
@@ -207,7 +210,7 @@ class MegatronEngine(LayerGradRecorder):
         self._sums[0] += share.loss.detach().double()
         for j, name in enumerate(self.objective.metrics):
             self._sums[2 + j] += share.metrics[name].detach().double()
-        return share.loss * self._grad_scale, torch.ones((), dtype=torch.int, device=loss_T.device), {}
+        return share.loss * self._grad_scale, self._count_one, {}
 
     def train_step(self, micro_batches: list[PackedBatch], lr: float) -> TrainStepStats:
         M = check_micro_batches(micro_batches, self.cfg.train.micro_batches)
@@ -223,6 +226,7 @@ class MegatronEngine(LayerGradRecorder):
         obj = self.objective
         obj.begin_step(micro_batches, all_reduce_sum(dp_group, device=dev if dev.type != "cpu" else None))
         self._grad_scale = M * self.dims.dp
+        self._count_one = torch.ones((), dtype=torch.int, device=dev)  # read only: Megatron adds it to its own total
         n_moe = len(self.moe_layer_ids)
         # [objective (last stage), aux loss (every stage), objective metrics (last stage)...]: shares, summed below
         self._sums = torch.zeros(2 + len(obj.metrics), dtype=torch.float64, device=dev)
