@@ -29,5 +29,13 @@ setup(
         "video": ["av"],  # video files (frame folders need nothing)
         "test": ["pytest", "hypothesis", "transformers>=4.51", "av", "psutil"],
     },
-    entry_points={"console_scripts": ["sail-train=sail_dist.cli:main"]},
+    entry_points={"console_scripts": [
+        "sail-train=sail_dist.cli:main",
+        "sail-data=sail_dist.data.cli:main",
+        "sail-soup=sail_dist.model.soup:main",
+        "sail-probe=sail_dist.probe.experts:main",
+        "sail-eval=sail_dist.eval.cli:main",
+        "sail-rl-filter=sail_dist.rl.filter:main",
+        "sail-rl-harvest=sail_dist.rl.harvest:main",
+    ]},
 )

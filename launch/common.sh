@@ -10,10 +10,37 @@ export PYTHONUNBUFFERED=1
 # DeepSpeed's JIT-built ops (CPUAdam) are cached here across runs.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/sail_dist/torch_extensions}"
 
+# torchrun's own failure report (its agent's traceback and the ChildFailedError table) repeats what the failing
+# rank already said in one line (sail-train writes the full traceback to <out_dir>/logs/rank<R>.err): drop it, and
+# drop the same one-line error from further ranks (a deterministic error fails every rank alike).
+sail_filter_stderr() {
+  awk '
+    /^E[0-9]+ .*elastic\/multiprocessing\/api\.py.*failed \(exitcode/ { next }
+    /^W[0-9]+ .*elastic\/multiprocessing\/api\.py.*(Sending process|Closing process)/ { next }
+    drop { if ($0 ~ /^=+$/ && ++bars == 2) drop = 0; next }
+    held != "" { if ($0 ~ /bin\/torchrun/) { drop = 1; bars = 0; held = ""; next } print held; held = "" }
+    /^Traceback \(most recent call last\):$/ { held = $0; next }
+    /^sail-train: rank [0-9]+: / {
+      key = $0; sub(/^sail-train: rank [0-9]+: /, "", key); sub(/ \(traceback: [^)]*\)$/, "", key)
+      if (key in seen) next; seen[key] = 1
+    }
+    { print; fflush() }
+    END { if (held != "") print held }'
+}
+
 sail_torchrun() {
   local nproc="$1"; shift
-  exec torchrun --nproc_per_node "$nproc" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m sail_dist "$@"
+  local rc=0
+  # A bad config fails here, once, with sail-train's one-line message and exit status 2 (not once per rank).
+  python3 -m sail_dist --print-config "$@" > /dev/null || return $?
+  torchrun --nproc_per_node "$nproc" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m sail_dist "$@" 2> >(sail_filter_stderr >&2) || rc=$?
+  wait  # for the filter to flush
+  if [ "$rc" -ne 0 ]; then
+    echo "$(basename "$0"): training stopped (exit status $rc): the error is above; the failing rank's traceback" \
+         "is in <train.out_dir>/logs/rank<R>.err" >&2
+  fi
+  return "$rc"
 }
 
 # NVIDIA GPUs visible? Sets NGPU and the CUDA environment (NVLink multicast off: it can take a shared host's
@@ -28,4 +55,20 @@ sail_detect_gpus() {
   NGPU=0
   export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
   return 1
+}
+
+# Arguments of the launch scripts: [--stage NAME] [CONFIG] [key.sub=value ...] in any order. Sets CONFIG (the first
+# argument that is neither an option nor key=value; $1 default), STAGE_ARGS (--stage NAME) and ARGS (the rest).
+sail_parse_args() {
+  CONFIG="$1"; shift
+  STAGE_ARGS=(); ARGS=()
+  local seen_config=0
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --stage) STAGE_ARGS=(--stage "$2"); shift 2 ;;
+      --stage=*) STAGE_ARGS=(--stage "${1#--stage=}"); shift ;;
+      *=*|-*) ARGS+=("$1"); shift ;;
+      *) if [ "$seen_config" = 0 ]; then CONFIG="$1"; seen_config=1; else ARGS+=("$1"); fi; shift ;;
+    esac
+  done
 }

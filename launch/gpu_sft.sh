@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Launch sail_dist on NVIDIA GPUs (DeepSpeed ZeRO-2 backend) with torchrun: one node or many.
 #
-#   bash launch/gpu_sft.sh [CONFIG] [key.sub=value ...]
+#   bash launch/gpu_sft.sh [--stage NAME] [CONFIG] [key.sub=value ...]
+#
+# --stage picks a stage of the SAIL-VL2 recipe (`python -m sail_dist --list-stages`; docs/recipe.md).
 #
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT on every node (same values except NODE_RANK).
 # GPUs per node are detected (override with NPROC_PER_NODE). With no GPU the same script runs the
@@ -11,8 +13,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/common.sh"
 
-CONFIG="${1:-configs/demo/demo.yaml}"
-shift || true
+sail_parse_args configs/demo/demo.yaml "$@"
 
 defaults=()
 if sail_detect_gpus; then
@@ -24,4 +25,5 @@ else
 fi
 NPROC_PER_NODE="${NPROC_PER_NODE:-$detected}"
 
-sail_torchrun "$NPROC_PER_NODE" --config "$CONFIG" backend.name=gpu ${defaults[@]+"${defaults[@]}"} "$@"
+sail_torchrun "$NPROC_PER_NODE" ${STAGE_ARGS[@]+"${STAGE_ARGS[@]}"} --config "$CONFIG" backend.name=gpu \
+  ${defaults[@]+"${defaults[@]}"} ${ARGS[@]+"${ARGS[@]}"}

@@ -2,7 +2,9 @@
 # Launch sail_dist on Ascend NPUs (NPU backend: Megatron-core + MindSpeed + torch_npu fused ops) with torchrun:
 # one node or many.
 #
-#   bash launch/npu_pretrain.sh [CONFIG] [key.sub=value ...]
+#   bash launch/npu_pretrain.sh [--stage NAME] [CONFIG] [key.sub=value ...]
+#
+# --stage picks a stage of the SAIL-VL2 recipe (`python -m sail_dist --list-stages`; docs/recipe.md).
 #
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT on every node (same values except NODE_RANK); on
 # clusters with several NICs also HCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME. NPUs per node are detected with
@@ -13,8 +15,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/common.sh"
 
-CONFIG="${1:-configs/demo/npu_tiny_moe.yaml}"
-shift || true
+sail_parse_args configs/demo/npu_tiny_moe.yaml "$@"
 
 # ---- Ascend environment (CANN toolkit, then the ATB/NNAL libraries when present) ------------------------
 for f in /usr/local/Ascend/ascend-toolkit/set_env.sh /usr/local/Ascend/cann/set_env.sh; do
@@ -57,10 +58,14 @@ if [ "$npus" -gt 0 ]; then
   export CUDA_DEVICE_MAX_CONNECTIONS=1
 else
   # No NPU: the whole parallel layout of the config on this machine, over gloo.
-  detected=$(python3 - "$CONFIG" "$@" <<'PY'
+  detected=$(python3 - "$CONFIG" "${STAGE_ARGS[1]:-}" ${ARGS[@]+"${ARGS[@]}"} <<'PY'
 import sys
-from sail_dist.config import load_config
-cfg = load_config(sys.argv[1], [a for a in sys.argv[2:] if "=" in a])
+from sail_dist.config import ConfigError, load_config
+try:
+    cfg = load_config(sys.argv[1], [a for a in sys.argv[3:] if "=" in a], stage=sys.argv[2] or None)
+except ConfigError as e:
+    print(f"sail-train: {e}", file=sys.stderr)
+    sys.exit(2)
 p = cfg.parallel
 print(p.pp * max(p.dp, p.ep, 1))
 PY
@@ -70,4 +75,5 @@ PY
 fi
 NPROC_PER_NODE="${NPROC_PER_NODE:-$detected}"
 
-sail_torchrun "$NPROC_PER_NODE" --config "$CONFIG" backend.name=npu "$@"
+sail_torchrun "$NPROC_PER_NODE" ${STAGE_ARGS[@]+"${STAGE_ARGS[@]}"} --config "$CONFIG" backend.name=npu \
+  ${ARGS[@]+"${ARGS[@]}"}

@@ -5,7 +5,9 @@
 # layer; norms side by side as the summary), and one JSON line. Exit status 1 when the backends disagree beyond
 # the tolerances (loss 1e-5, gradient tensors 1e-5, relative; fp32).
 #
-#   bash launch/parity.sh [STEPS] [CONFIG] [key.sub=value ...]
+#   bash launch/parity.sh [STEPS] [CONFIG] [--stage NAME] [key.sub=value ...]
+#
+# --stage NAME compares that stage of the recipe (its trainable modules, objective and data rules) on both backends.
 #
 # Runs on CPU (gloo; emulated torch_npu ops on the NPU side), which is what CI checks. OUT_DIR (default: a
 # temporary directory) keeps the two runs' JSON files.
@@ -16,6 +18,15 @@ source "$here/common.sh"
 STEPS="${1:-6}"
 CONFIG="${2:-configs/demo/npu_tiny_moe.yaml}"
 shift 2 || shift $# || true
+extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --stage) extra+=("train.stage=$2"); shift 2 ;;
+    --stage=*) extra+=("train.stage=${1#--stage=}"); shift ;;
+    *) extra+=("$1"); shift ;;
+  esac
+done
+set -- ${extra[@]+"${extra[@]}"}
 OUT_DIR="${OUT_DIR:-$(mktemp -d -t sail_parity.XXXXXX)}"
 mkdir -p "$OUT_DIR"
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"

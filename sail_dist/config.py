@@ -81,6 +81,8 @@ class LLMConfig:
     head_dim: int = 128
     ffn_size: int = 6144
     rope_theta: float = 1_000_000.0
+    # Linear RoPE scaling (transformers rope_type "linear"): positions divided by this factor; 1.0 = plain RoPE
+    rope_linear_factor: float = 1.0
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 40960
     tie_embeddings: bool = True
@@ -102,6 +104,8 @@ class LLMConfig:
             err("num_kv_heads", f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             err("head_dim", f"RoPE needs an even head_dim, got {self.head_dim}")
+        if not self.rope_linear_factor > 0:
+            err("rope_linear_factor", f"must be > 0 (1.0 = plain RoPE), got {self.rope_linear_factor}")
         if self.num_experts < 0:
             err("num_experts", f"must be >= 0 (0 = dense), got {self.num_experts}")
         if self.num_experts > 0:
@@ -160,17 +164,27 @@ class ModelConfig:
 # ------------------------------------------------------------------------------------------------ data
 @dataclass
 class DataSource:
-    """One JSONL file of conversation records; `weight` is its share of the mix."""
+    """One JSONL file of conversation records; `weight` is its share of the mix (with data.source_weighting=size:
+    a multiplier on the size-derived share)."""
 
     path: str = ""
     weight: float = 1.0
     image_root: str = ""  # relative image paths resolve against this (default: the JSONL's folder)
     name: str = ""
+    # per-record sampling weights (`sail-data balance` writes them): one number per line of `path`, '#' lines are
+    # comments; rows are then drawn by weight within this source. Empty = every record once per pass.
+    record_weights: str = ""
+    modality: Literal["", "image", "video", "text"] = ""  # what the source holds; stages that balance modalities
+    # (sft_phase4: image:video 1:1 by sample count) read it; empty = not declared
 
 
 @dataclass
 class DataConfig:
     sources: list[DataSource] = field(default_factory=list)
+    # how the sources' shares are set: manual = their `weight`s; size = w_i ∝ weight_i * n_i^(1/size_temperature)
+    # over the sources' record counts n_i (T=1 proportional to size, large T towards uniform; report sec. 3.2.2)
+    source_weighting: Literal["manual", "size"] = "manual"
+    size_temperature: float = 1.0
     demo: bool = False  # use the embedded, generated demo dataset (data/demo.py) instead of `sources`
     demo_dir: str = ".cache/sail_dist_demo"
     tokenizer: str = ""  # local Hugging Face tokenizer directory (tokenizer.json); empty with demo = demo tokenizer
@@ -187,6 +201,10 @@ class DataConfig:
     buffer_size: int = 512  # samples held by the online packer
     on_bad_sample: Literal["error", "skip"] = "error"
     loss_reduction: Literal["token", "sample", "square"] = "token"
+    # Answer format rules applied at load time (sail_dist/data/template.py normalise_think, docs/data.md):
+    # longcot = every answer is <think>thought</think> + \boxed{}; fusion = CoT or direct answers, marked for the
+    # think_fusion objective; none = answers are taken as they are.
+    think_format: Literal["none", "longcot", "fusion"] = "none"
     num_workers: int = 2
     prefetch: int = 4
     seed: int = 1234
@@ -199,6 +217,12 @@ class DataConfig:
                 err(f"sources[{i}].path", "is empty")
             if s.weight <= 0:
                 err(f"sources[{i}].weight", f"must be > 0, got {s.weight}")
+            if s.record_weights and not os.path.isfile(s.record_weights):
+                err(f"sources[{i}].record_weights", f"{s.record_weights!r} is not a file (write it with "
+                    f"`sail-data balance {s.path or 'FILE.jsonl'} --out WEIGHTS`)")
+        if not self.size_temperature > 0:
+            err("size_temperature", f"must be > 0 (1 = proportional to size, large = uniform), got "
+                f"{self.size_temperature}")
         _positive(self, err, "max_tiles", "min_tiles", "pack_tokens", "buffer_size", "video_frames",
                   "long_sample_every")
         if self.min_tiles > self.max_tiles:
@@ -219,14 +243,63 @@ class CheckpointingConfig:
 
 
 @dataclass
+class AdaLRSConfig:
+    """AdaLRS, online lr search on the loss descent velocity (arXiv 2506.13274; SAIL-VL2 report sec. 3.2.3, Eq. 1):
+    sail_dist/train/adalrs.py, docs/adalrs.md. The searched lr is `scale * lr_at(step)` (the base schedule)."""
+
+    enabled: bool = False
+    window: int = 50  # k: optimizer steps per least-squares slope fit; a trial lasts one window
+    alpha: float = 1.5  # up-scaling factor of a trial (> 1)
+    beta: float = 1.25  # down-scaling factor after a rolled-back trial (> 1): scale = scale_before / beta
+    decay: float = 0.5  # after each rollback: alpha <- 1 + (alpha - 1) * decay, beta likewise; 1 = no decay
+    trigger: Literal["every_window", "deceleration"] = "every_window"  # start a trial after every observed window,
+    # or only when its descent velocity fell below the previous window's
+    start_step: int = -1  # first step the search may use; -1 = after train.warmup_steps
+    search_fraction: float = 1.0  # no trial starts after this fraction of train.steps
+    min_scale: float = 0.01  # bounds of the lr multiplier
+    max_scale: float = 100.0
+    min_factor: float = 1.001  # the search ends once alpha has decayed below this
+    snapshot: Literal["memory", "disk", "auto"] = "auto"  # where the pre-trial state is kept (each rank its own)
+    memory_budget_gb: float = 16.0  # auto: in host memory up to this size per rank, else streamed to disk
+
+    def check(self, err) -> None:
+        if self.window < 3:
+            err("window", f"must be an integer >= 3 (a slope fit needs at least 3 losses), got {self.window}")
+        for key in ("alpha", "beta"):
+            v = getattr(self, key)
+            if not 1.0 < v <= 10.0:
+                err(key, f"must be in (1, 10] (a factor > 1), got {v}")
+        if not 0.0 < self.decay <= 1.0:
+            err("decay", f"must be in (0, 1] (1 = no decay), got {self.decay}")
+        if self.start_step < -1:
+            err("start_step", f"must be >= 0, or -1 for 'after train.warmup_steps', got {self.start_step}")
+        if not 0.0 < self.search_fraction <= 1.0:
+            err("search_fraction", f"must be in (0, 1], got {self.search_fraction}")
+        if not 0.0 < self.min_scale <= 1.0:
+            err("min_scale", f"must be in (0, 1] (the lr multiplier starts at 1), got {self.min_scale}")
+        if self.max_scale < 1.0:
+            err("max_scale", f"must be >= 1 (the lr multiplier starts at 1), got {self.max_scale}")
+        if not 1.0 < self.min_factor < self.alpha:
+            err("min_factor", f"must be in (1, alpha={self.alpha}), got {self.min_factor}")
+        if self.memory_budget_gb < 0:
+            err("memory_budget_gb", f"must be >= 0, got {self.memory_budget_gb}")
+
+
+@dataclass
 class TrainConfig:
+    stage: str = ""  # a stage of the SAIL-VL2 recipe (sail_dist/stages): its defaults sit under this config
     objective: str = "sft"  # what a step minimises: a name registered in sail_dist/objectives
     steps: int = 100
     micro_batches: int = 1  # packed micro-batches per rank per optimizer step (gradient accumulation)
+    # Batch and epoch semantics in samples (docs/recipe.md): > 0 derives train.micro_batches from the mean packed
+    # sample length, so that a step holds about this many samples over all ranks; the realised count is logged.
+    global_batch_samples: int = 0
+    epochs: float = 0.0  # > 0: train.steps = ceil(epochs * records in data.sources / samples per step)
     lr: float = 1e-5
     min_lr: float = 0.0
     warmup_steps: int = 0
     lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    adalrs: AdaLRSConfig = field(default_factory=AdaLRSConfig)  # online lr search (sail_dist/train/adalrs.py)
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adam_eps: float = 1e-8
@@ -262,13 +335,149 @@ class TrainConfig:
             err("train_modules", "nothing to train")
         if self.grad_clip < 0:
             err("grad_clip", "must be >= 0 (0 disables)")
+        if self.global_batch_samples < 0:
+            err("global_batch_samples", "must be >= 0 (0 = train.micro_batches as given)")
+        if self.epochs < 0:
+            err("epochs", "must be >= 0 (0 = train.steps as given)")
         if self.resume not in ("auto", "none", "") and not os.path.isdir(self.resume):
             err("resume", f"{self.resume!r} is not 'auto' (the latest checkpoint in train.out_dir), 'none' (a fresh "
                 "start) or an existing checkpoint directory (<out_dir>/checkpoints/step_*)")
         from sail_dist.objectives import available_objectives  # here: the objectives import the model, which imports us
+        from sail_dist.stages import available_stages
+
+        if self.stage and self.stage not in available_stages():
+            err("stage", f"{self.stage!r} is not a stage; available: {', '.join(available_stages())}")
 
         if self.objective not in available_objectives():
             err("objective", f"{self.objective!r} is not registered; available: {', '.join(available_objectives())}")
+
+
+# -------------------------------------------------------------------------------------------------- rl
+@dataclass
+class SamplingConfig:
+    """Rollout generation (sail_dist/rollout): the built-in KV-cache sampler's knobs."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    max_new_tokens: int = 4096  # report: generation 4096
+    max_context: int = 16384  # prompt + generation (report: context 16384)
+    seed: int = 0
+
+    def check(self, err) -> None:
+        if self.temperature < 0:
+            err("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            err("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            err("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        _positive(self, err, "max_new_tokens", "max_context")
+
+
+@dataclass
+class JudgeConfig:
+    """The LVM judge that scores open (unverifiable) prompts (sail_dist/rl/judge.py)."""
+
+    kind: Literal["none", "local", "http"] = "none"  # local: a SAIL-VL2 HF directory on our sampler; http: OpenAI API
+    path: str = ""  # local: the judge's SAIL-VL2 HF directory (sail_dist/model/hf.py save_sailvl layout)
+    tokenizer: str = ""  # local: tokenizer directory; empty = <path>/tokenizer.json, else data.tokenizer
+    url: str = ""  # http: base URL of an OpenAI-compatible server (".../v1") or the full ".../chat/completions"
+    model: str = ""  # http: the model name sent in the request
+    api_key_env: str = ""  # http: name of the environment variable holding the bearer token (empty = no auth)
+    timeout_s: float = 60.0  # http: per request
+    retries: int = 3  # http: further attempts after a timeout, connection error, 429 or 5xx
+    backoff_s: float = 1.0  # http: wait before retry i is backoff_s * 2**i
+    concurrency: int = 8  # http: requests in flight at once
+    max_new_tokens: int = 256  # the judge's reply length (local sampler; http max_tokens)
+    on_failure: Literal["error", "exclude"] = "error"  # error: raise with the reason; exclude: count judge_failed,
+    # the rollout's reward is NaN with RewardResult.error set and the loop leaves it out of the advantage
+
+    def check(self, err) -> None:
+        if self.kind == "local" and not self.path:
+            err("path", "judge.kind=local needs judge.path (a SAIL-VL2 HF directory)")
+        if self.kind == "http" and not self.url:
+            err("url", "judge.kind=http needs judge.url (e.g. http://127.0.0.1:8000/v1)")
+        _positive(self, err, "timeout_s", "concurrency", "max_new_tokens")
+        if self.retries < 0 or self.backoff_s < 0:
+            err("retries", "retries and backoff_s must be >= 0")
+
+
+@dataclass
+class RewardConfig:
+    """The reward of one rollout: a weighted sum of named parts (sail_dist/rl/rewards.py, docs/rl.md "Rewards")."""
+
+    weights: dict[str, float] = field(default_factory=lambda: {"answer": 1.0, "format": 0.5})
+    think: str = "structure"  # the think-reward hook (a name registered in sail_dist/rl/rewards.py THINK_REWARDS)
+    think_min_words: int = 20  # structure heuristic: a thought this long (in words) gets the full length credit
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+    def check(self, err) -> None:
+        from sail_dist.rl.rewards import REWARD_PARTS, THINK_REWARDS  # here: rewards imports the data package
+
+        bad = [k for k in self.weights if k not in REWARD_PARTS]
+        if bad:
+            err("weights", f"unknown reward part(s) {bad}; choose from {', '.join(REWARD_PARTS)}")
+        if not any(w != 0 for w in self.weights.values()):
+            err("weights", "every weight is 0: the reward would be constant")
+        if self.think not in THINK_REWARDS:
+            err("think", f"{self.think!r} is not registered; available: {', '.join(THINK_REWARDS.names())}")
+        _positive(self, err, "think_min_words")
+
+
+@dataclass
+class PolicyLossConfig:
+    """PPO-style policy losses without a critic (sail_dist/objectives/policy.py)."""
+
+    dapo_clip: list[float] = field(default_factory=lambda: [0.20, 0.28])  # DAPO clip-higher (eps_low, eps_high)
+    gspo_clip: list[float] = field(default_factory=lambda: [3e-4, 4e-4])  # GSPO sequence-level (eps_low, eps_high)
+    kl_coef: float = 0.0  # KL to the reference policy; 0 = off (DAPO)
+    # dapo: "token-mean" (DAPO: sum over every response token of the step / their count) or "seq-mean-token-mean"
+    # (GRPO: each sequence's token mean, averaged over the step's sequences); gspo always uses the latter (paper)
+    loss_agg: str = "token-mean"
+    adv_eps: float = 1e-6  # advantages: (r - mean_group) / (std_group + adv_eps)
+    dynamic_sampling: bool = True  # DAPO: drop groups whose rewards are all equal, refill from more prompts
+    max_gen_rounds: int = 3  # dynamic sampling: at most this many generation rounds per episode
+    overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N tokens before max_new_tokens; 0 = off
+    overlong_penalty: float = 1.0  # the penalty at the limit (DAPO: 1)
+
+    def check(self, err) -> None:
+        for key in ("dapo_clip", "gspo_clip"):
+            v = getattr(self, key)
+            if len(v) != 2 or not all(0 <= e < 1 for e in v):
+                err(key, f"must be [eps_low, eps_high] with 0 <= eps < 1, got {v}")
+        if self.loss_agg not in ("token-mean", "seq-mean-token-mean"):
+            err("loss_agg", f"must be token-mean or seq-mean-token-mean, got {self.loss_agg!r}")
+        if self.kl_coef < 0 or self.adv_eps <= 0 or self.overlong_buffer < 0 or self.max_gen_rounds < 1:
+            err("kl_coef", "kl_coef >= 0, adv_eps > 0, overlong_buffer >= 0 and max_gen_rounds >= 1 are required, got "
+                f"{self.kl_coef}, {self.adv_eps}, {self.overlong_buffer}, {self.max_gen_rounds}")
+
+
+@dataclass
+class RLConfig:
+    """RL episodes (sail_dist/rl/loop.py): prompts x group rollouts -> rewards -> advantages -> ppo_updates passes."""
+
+    prompts: list[DataSource] = field(default_factory=list)  # prompt JSONL with ground truth (docs/rl.md)
+    episodes: int = 10
+    prompts_per_episode: int = 128
+    group_size: int = 16  # rollouts per prompt (G); report: 2048 rollouts per episode
+    ppo_updates: int = 8  # optimizer steps per episode (report: 8)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    eval_prompts: list[DataSource] = field(default_factory=list)  # held-out prompts: greedy accuracy before/after
+    eval_every: int = 0  # episodes between held-out evaluations (0 = only before the first and after the last)
+    save_every: int = 1  # episodes between checkpoints (resume is exact at an episode boundary); 0 = none (benchmarks)
+    rollout_batch: int = 64  # sequences the built-in sampler decodes at once (its KV-cache slots)
+    # who generates an episode's rollouts (docs/rl.md "Generation"): auto = every DP rank its share on the gpu
+    # backend (ZeRO-2 ranks hold full parameters), rank 0 alone on npu (one gathered replica); all | rank0 force it
+    rollout_ranks: str = "auto"
+
+    def check(self, err) -> None:
+        _positive(self, err, "episodes", "prompts_per_episode", "group_size", "ppo_updates", "rollout_batch")
+        if self.rollout_ranks not in ("auto", "all", "rank0"):
+            err("rollout_ranks", f"must be auto, all or rank0, got {self.rollout_ranks!r}")
+        if self.save_every < 0:
+            err("save_every", f"must be >= 0 (0 = no checkpoints), got {self.save_every}")
 
 
 # ---------------------------------------------------------------------------------------------- parallel
@@ -340,6 +549,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def check(self, err) -> None:
         if self.parallel.ep > 1 and self.model.llm.num_experts % self.parallel.ep:
@@ -348,6 +558,9 @@ class Config:
             err("parallel.ep", "expert parallelism needs an MoE model (model.llm.num_experts > 0)")
         if self.backend.name == "gpu" and (self.parallel.pp > 1 or self.parallel.ep > 1):
             err("parallel.pp", "the GPU backend is data parallel only (ZeRO-2); use backend.name=npu for PP/EP")
+        if self.train.objective == "think_fusion" and self.data.think_format != "fusion":
+            err("data.think_format", f"train.objective=think_fusion reads the think-block marks that only "
+                f"data.think_format=fusion builds (got {self.data.think_format!r}): set data.think_format=fusion")
         if self.backend.name == "npu" and self.train.compile:
             # Its hot ops are torch_npu's fused kernels already, and no Ascend machine was at hand to validate
             # inductor's NPU code generation or torchair for training (docs/npu.md).
@@ -534,8 +747,20 @@ def _check_all(obj: Any, prefix: str, origin_of) -> None:
             _check_all(v, f"{prefix}{f.name}.", origin_of)
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config (with `base:` inheritance), apply dotted overrides, type-check and validate."""
+def build_dataclass(cls: type, data: dict, origin: str) -> Any:
+    """A validated `cls` (any config dataclass, e.g. a recipe's) from a mapping whose values all come from `origin`:
+    the same type checks, unknown-key suggestions and `check` validation as load_config."""
+    obj = _build(cls, data, "", lambda key: origin)
+    _check_all(obj, "", lambda key: origin)
+    return obj
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (), stage: str | None = None
+                ) -> Config:
+    """Load a YAML config (with `base:` inheritance), apply dotted overrides, type-check and validate.
+
+    A stage (`stage`, or `train.stage` in the YAML / overrides) puts its defaults under the loaded values:
+    dataclass defaults < stage defaults < YAML < command line; then the stage checks the result."""
     sources = _Sources()
     data = _read_yaml(path, sources) if path else {}
     for item in overrides:
@@ -547,9 +772,54 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
                 raise ConfigError(f"command-line override {item!r}: '{k}' is not a section")
         node[keys[-1]] = value
         sources.by_key[".".join(keys)] = "command line"
+    spec = _apply_stage(data, sources, stage)
     cfg = _build(Config, data, "", sources.of)
     _check_all(cfg, "", sources.of)
+    if spec is not None:
+        def err(key: str, msg: str) -> None:
+            raise ConfigError(f"config key '{key}' (from {sources.of(key)}): {msg}")
+
+        spec.check(cfg, err)
     return cfg
+
+
+def _apply_stage(data: dict, sources: _Sources, stage: str | None):
+    """Merge the stage's defaults under `data` (in place); returns the Stage, or None without one."""
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    named = train.get("stage") or ""
+    if stage and named and named != stage:
+        raise ConfigError(f"--stage {stage} but config key 'train.stage' (from {sources.of('train.stage')}) is "
+                          f"{named!r}: give one of them")
+    name = stage or named
+    if not name:
+        return None
+    from sail_dist.stages import available_stages, get_stage  # here: stages import this module
+
+    if name not in available_stages():
+        close = difflib.get_close_matches(str(name), available_stages(), n=1, cutoff=0.4)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown stage {name!r}{hint} (stages: {', '.join(available_stages())})")
+    spec = get_stage(name)
+    defaults = _Sources()
+    defaults.record(spec.defaults, f"stage {name}")
+    for key, origin in defaults.by_key.items():
+        sources.by_key.setdefault(key, origin)
+    merged = _deep_merge(spec.defaults, data)
+    merged.setdefault("train", {})["stage"] = name
+    data.clear()
+    data.update(merged)
+    return spec
+
+
+def flatten_dict(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested config mappings as dotted keys (for comparisons and messages)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def config_to_dict(cfg: Any) -> dict:

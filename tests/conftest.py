@@ -59,19 +59,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+MAX_TEST_RANKS = 4  # the most processes one test starts (launch/npu_pretrain.sh's PP 2 x EP 2)
+
+
+def gpu_children() -> bool:
+    """SAIL_TEST_GPU=1 (launch/gpu_tests.sh): child processes may use the GPUs, so the backends run there on CUDA
+    (NCCL, device bf16, pinned batches) wherever a launch fits the GPUs (see child_env and torchrun_cmd)."""
+    return os.environ.get("SAIL_TEST_GPU", "").strip().lower() in ("1", "true", "yes")
+
+
 def child_env(**extra: str) -> dict[str, str]:
-    """Environment for a test's child processes (multi-rank runs over gloo): one thread per rank, tests/
-    importable with the parent's PYTHONPATH kept (a machine that runs the suite from a source tree, not a pip
-    install, needs it), and no GPU, so they run on CPU everywhere as in CI (on a GPU machine the backends
-    would pick CUDA, and two ranks do not fit one GPU)."""
+    """Environment for a test's child processes (multi-rank runs): one thread per rank, tests/ importable with the
+    parent's PYTHONPATH kept (a machine that runs the suite from a source tree, not a pip install, needs it), and
+    no GPU, so they run on CPU over gloo everywhere as in CI (ranks cannot share one GPU under NCCL). With
+    SAIL_TEST_GPU=1 on a machine with at least MAX_TEST_RANKS GPUs they stay visible; with fewer, torchrun_cmd
+    gives them back to each launch that fits (a launcher script's ranks are not known here: they stay on CPU)."""
     path = [os.path.join(ROOT, "tests"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path), "CUDA_VISIBLE_DEVICES": "",
-            **extra}
+    keep = gpu_children() and torch.cuda.device_count() >= MAX_TEST_RANKS
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path),
+            **({} if keep else {"CUDA_VISIBLE_DEVICES": ""}), **extra}
 
 
 def torchrun_cmd(nproc: int, *args: str) -> list[str]:
-    """`torchrun --nproc_per_node N` on a free port, followed by `args` (a script or `-m module`, then its args)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+    """`torchrun --nproc_per_node N` on a free port, followed by `args` (a script or `-m module`, then its args).
+    With SAIL_TEST_GPU=1 the launch sees the GPUs when its N ranks fit them, else none (CPU over gloo, as in CI)."""
+    prefix: list[str] = []
+    if gpu_children():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # the parent's choice of GPUs, if any
+        if nproc > torch.cuda.device_count():
+            prefix = ["env", "CUDA_VISIBLE_DEVICES="]
+        elif visible is None:
+            prefix = ["env", "-u", "CUDA_VISIBLE_DEVICES"]
+        else:
+            prefix = ["env", f"CUDA_VISIBLE_DEVICES={visible}"]
+    return [*prefix, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
             str(free_port()), *args]
 
 

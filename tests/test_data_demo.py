@@ -7,7 +7,7 @@ import os
 
 
 from data_testutil import tiny_config
-from sail_dist.data.demo import (SPECIAL_TOKENS, TASKS, eval_items, generate_demo, is_correct, normalize_answer,
+from sail_dist.data.demo import (SPECIAL_TOKENS, TASKS, eval_items, generate_demo, is_correct,
                                  score)
 from sail_dist.data.template import load_tokenizer
 
@@ -63,4 +63,4 @@ def test_answer_normalisation():
     assert is_correct("<think>\n1, 2, 3\n</think>\n\n\\boxed{3}", "<think>\nI count 1, 2, 3.\n</think>\n\n\\boxed{3}")
     assert is_correct("<think>counting</think> 3", "3")
     assert not is_correct("\\boxed{4}", "\\boxed{3}") and not is_correct("blue", "red")
-    assert normalize_answer('"Yes"') == "yes"
+    assert is_correct('"Yes"', "yes")

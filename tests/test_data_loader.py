@@ -167,3 +167,80 @@ def test_images_and_video_frames_keep_text_order(tmp_path, demo_dir):
         i = j
     assert spans == [5 * 4, 4, 4, 4, 1 * 4]  # wide image, 3 frames, small image: 4 tokens per 56 px tile
     assert mb.image_grid_hw[: 5 + 3 + 1].tolist() == [[4, 4]] * 9
+
+
+def _two_sources(tmp_path, demo_dir, n_a=30, n_b=10, **extra):
+    from data_testutil import qa, save_png, write_jsonl
+
+    img = save_png(str(tmp_path / "i.png"), size=(40, 40))
+    frames = tmp_path / "frames"
+    for i in range(3):
+        save_png(str(frames / f"f{i}.png"), size=(30, 20))
+    a = write_jsonl(str(tmp_path / "img.jsonl"), [qa(f"<image>\nq{i}", f"a{i}", image=img) for i in range(n_a)])
+    b = write_jsonl(str(tmp_path / "vid.jsonl"), [qa(f"<video>\nq{i}", f"v{i}", video=str(frames)) for i in range(n_b)])
+    return a, b
+
+
+def test_realised_mix_is_logged_per_source_and_modality(tmp_path, demo_dir):
+    """Two sources of equal weight (the SFT phase-4 image:video 1:1 set-up): the step stats count each step's
+    samples per source and modality, the totals add up, track 1:1, and continue exactly across a resume."""
+    a, b = _two_sources(tmp_path, demo_dir)
+    cfg = tiny_config(f"data.sources=[{{path: {a}, name: img}}, {{path: {b}, name: vid}}]",
+                      f"data.tokenizer={demo_dir}/tokenizer", "data.video_frames=2", "data.buffer_size=8",
+                      "data.pack_tokens=256")
+    with StepLoader(cfg, 0, 1) as loader:
+        steps = [next(loader).stats for _ in range(6)]
+        state = json.loads(json.dumps(loader.state_dict()))
+        more = [next(loader).stats for _ in range(2)]
+    total = {}
+    for st in steps:
+        assert sum(st.source_samples.values()) == sum(st.modality_samples.values()) == st.samples
+        assert st.source_samples.get("img", 0) == st.modality_samples.get("image", 0)
+        assert st.source_samples.get("vid", 0) == st.modality_samples.get("video", 0)
+        for k, v in st.source_samples.items():
+            total[k] = total.get(k, 0) + v
+        assert st.source_samples_total == total
+    assert abs(total["img"] - total["vid"]) <= 2 + steps[-1].deferred  # 1:1 by sample count, up to packing lag
+    with StepLoader(cfg, 0, 1) as resumed:
+        resumed.load_state_dict(state)
+        again = [next(resumed).stats for _ in range(2)]
+    assert [s.source_samples_total for s in again] == [s.source_samples_total for s in more]
+    assert [s.modality_samples_total for s in again] == [s.modality_samples_total for s in more]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 1e6])
+def test_size_weighting_sets_shares_from_source_sizes(tmp_path, demo_dir, temperature):
+    a, b = _two_sources(tmp_path, demo_dir)  # 30 and 10 records
+    cfg = tiny_config(f"data.sources=[{{path: {a}}}, {{path: {b}}}]", f"data.tokenizer={demo_dir}/tokenizer",
+                      "data.source_weighting=size", f"data.size_temperature={temperature}", "data.video_frames=2")
+    with StepLoader(cfg, 0, 1) as loader:
+        want = 30 ** (1 / temperature) / (30 ** (1 / temperature) + 10 ** (1 / temperature))
+        assert loader.mix.share[0] == pytest.approx(want)  # T=1: 3/4, T=2: sqrt(3)/(sqrt(3)+1), T->inf: 1/2
+        draws = [loader.mix.next()[0] for _ in range(400)]
+    assert abs(draws.count(0) - 400 * want) <= 1
+
+
+def test_stop_and_restore_with_record_weights_is_exact(tmp_path, demo_dir):
+    from data_testutil import qa, write_jsonl
+
+    path = write_jsonl(str(tmp_path / "t.jsonl"), [qa(f"question {i}", f"answer {i}") for i in range(40)])
+    weights = tmp_path / "t.w"
+    weights.write_text("# hand-written\n" + "".join(f"{(i % 4) * 0.5}\n" for i in range(40)))  # rows 0,4,..: 0
+    cfg = tiny_config(f"data.sources=[{{path: {path}, record_weights: {weights}}}]",
+                      f"data.tokenizer={demo_dir}/tokenizer", "data.buffer_size=4", "data.pack_tokens=128")
+    with StepLoader(cfg, 0, 1) as ref_loader:
+        ref = [_fingerprint(next(ref_loader)) for _ in range(9)]
+    ids = [s for step in ref for mb in step for s in mb[0]]
+    assert not {f"t:{i + 1}" for i in range(0, 40, 4)} & set(ids)  # weight 0: never drawn
+    with StepLoader(cfg, 0, 1) as first:
+        for _ in range(4):
+            next(first)
+        state = json.loads(json.dumps(first.state_dict()))
+    assert len(json.dumps(state["mix"])) < 200  # the mix state stays (drawn, counts)
+    with StepLoader(cfg, 0, 1) as resumed:
+        resumed.load_state_dict(state)
+        assert [_fingerprint(next(resumed)) for _ in range(5)] == ref[4:]
+    other = tiny_config(f"data.sources=[{{path: {path}}}]", f"data.tokenizer={demo_dir}/tokenizer",
+                        "data.buffer_size=4", "data.pack_tokens=128")
+    with StepLoader(other, 0, 1) as plain, pytest.raises(ValueError, match="record_weights"):
+        plain.load_state_dict(state)  # the weights change the stream: a state from a weighted run is refused

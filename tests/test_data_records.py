@@ -136,7 +136,7 @@ def test_skip_policy_counts_every_reason(tmp_path):
     assert dropped == expect  # planning drops, per reason, reported in the step stats
     assert dict(loader.bad_samples().counts) == expect
     assert len([s for s in trained if not s.endswith(tuple(f":{i + 1}" for i in range(len(bad))))]) == n_good
-    assert "malformed_json=1" in loader.bad_samples().summary()
+    assert "malformed_json: 1 record" in loader.bad_samples().summary()
     loader.close()
 
 

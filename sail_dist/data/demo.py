@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 from collections import defaultdict
@@ -27,9 +26,9 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFont
 
 from sail_dist.config import Config, TokenConfig
+from sail_dist.data.answers import answers_match
 from sail_dist.data.batch import PackedBatch
 from sail_dist.data.records import parse_record
-from sail_dist.data.template import extract_boxed, split_think
 
 DEMO_VERSION = 1
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<img>", "</img>",
@@ -307,21 +306,10 @@ def eval_items(cfg: Config, limit: int | None = None, builder=None) -> list[Eval
     return items
 
 
-def normalize_answer(text: str) -> str:
-    """Final answer of a generation: the \\boxed{} content if any, else the text after </think>; lowercased,
-    stripped of surrounding space, quotes and a final full stop; stops at <|im_end|>."""
-    text = text.split("<|im_end|>")[0]
-    boxed = extract_boxed(text)
-    if boxed is None:
-        _, text = split_think(text)
-    else:
-        text = boxed
-    return re.sub(r"\s+", " ", text).strip().strip("\"'").rstrip(".").strip().lower()
-
-
 def is_correct(prediction: str, answer: str) -> bool:
-    """Exact match of the normalised final answers."""
-    return normalize_answer(prediction) == normalize_answer(answer)
+    """The project's one answer matcher (sail_dist/data/answers.py answers_match): on the demo's word / digit /
+    `\\boxed{k}` answers it is the exact match of the final answers (case, spacing, quotes, a final full stop)."""
+    return answers_match(prediction, answer)
 
 
 def score(items: list[EvalItem], predictions: list[str]) -> dict[str, float]:

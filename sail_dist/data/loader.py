@@ -12,7 +12,9 @@ step without any communication; each rank then *materialises* (decodes pixels fo
 Determinism and resume: the plan depends only on (seed, sources, config); `state_dict()` after step k holds
 the stream position, the packer buffer (as record keys), deferred samples and the bad-sample counters, so
 `load_state_dict` + iterating gives exactly the batches the uninterrupted run would have given. The stream
-is global, so the state is the same on every rank (and a run may even resume on a different DP size).
+is global, so the state is the same on every rank, and it loads at another DP size or micro-batch count (elastic
+resume): the stream continues where it stopped and every sample drawn is trained exactly once across the boundary,
+in steps of the new size (docs/data.md, "Elastic resume").
 
 Background: with num_workers > 0 a planner thread runs up to `prefetch` steps ahead and a thread pool decodes
 this rank's micro-batches (PIL and numpy release the GIL), so the device never waits on image decoding.
@@ -57,6 +59,13 @@ class DataStepStats:
     decode_dropped: dict[str, int] = field(default_factory=dict)  # this rank only: dropped at decode (skip)
     plan_s: float = 0.0  # planning time of this step (background when num_workers > 0)
     wait_s: float = 0.0  # how long the consumer waited for this step
+    # the realised mix (all ranks, planned samples of this step; decode-time drops not subtracted): per source
+    # name and per modality ("image" | "video" | "text"; a record with a video counts as video), and the same
+    # counts summed over the run so far (part of the loader state, so exact across resume)
+    source_samples: dict[str, int] = field(default_factory=dict)
+    modality_samples: dict[str, int] = field(default_factory=dict)
+    source_samples_total: dict[str, int] = field(default_factory=dict)
+    modality_samples_total: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -104,6 +113,15 @@ class StepLoader:
         self.decode_bad = BadSampleLog()  # decode-time drops of this rank's own samples (skip policy)
         self._fingerprint = {"seed": self.data.seed, "sources": [s.path for s in self.sources],
                              "pack_tokens": self.data.pack_tokens, "buffer_size": self.data.buffer_size}
+        if any(s.record_weights for s in sources) or self.data.source_weighting != "manual":
+            # only then (older states stay loadable): these change the stream
+            self._fingerprint["record_weights"] = [s.record_weights for s in sources]
+            total = sum(s.weight for s in self.sources)
+            self._fingerprint["shares"] = [round(s.weight / total, 12) for s in self.sources]
+        names = [s.name for s in self.sources]
+        self._source_names = [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+        self._realised_sources: Counter = Counter()
+        self._realised_modality: Counter = Counter()
         self._reset_planner()
         self._consumed = self._snapshot()
         self._thread: threading.Thread | None = None
@@ -163,11 +181,17 @@ class StepLoader:
         self._deferred = [keys[i] for i in sched.deferred]
         own = [[self._metas[keys[i]] for i in mb] for mb in sched.ranks[self.rank]]
         deferred = set(self._deferred)
-        for k in keys:
-            if k not in deferred:
-                del self._metas[k]
 
         all_mbs = [mb for r in sched.ranks for mb in r]
+        source_samples: Counter = Counter()
+        modality_samples: Counter = Counter()
+        for mb in all_mbs:
+            for i in mb:
+                rec = self._metas[keys[i]].record
+                source_samples[self._source_names[keys[i][1]]] += 1
+                modality_samples["video" if rec.video is not None else "image" if rec.images else "text"] += 1
+        self._realised_sources.update(source_samples)
+        self._realised_modality.update(modality_samples)
         tokens = sum(sched.tokens)
         capacity = sum(max(B, sum(costs[i].n_tokens for i in mb)) for mb in all_mbs)
         stats = DataStepStats(
@@ -176,14 +200,25 @@ class StepLoader:
             llm_imbalance=sched.llm_imbalance, vision_imbalance=imbalance(sched.vision_tokens),
             long_samples=sum(p.long for p in packs), deferred=len(sched.deferred), dropped=dict(dropped),
             rank_samples=sum(len(mb) for mb in own), rank_tokens=sched.tokens[self.rank],
-            plan_s=time.perf_counter() - t0)
+            plan_s=time.perf_counter() - t0, source_samples=dict(source_samples),
+            modality_samples=dict(modality_samples), source_samples_total=dict(self._realised_sources),
+            modality_samples_total=dict(self._realised_modality))
+        for k in keys:
+            if k not in deferred:
+                del self._metas[k]
         self._step += 1
         return _Plan(stats, own, self._snapshot())
 
     def _snapshot(self) -> dict:
         return {"version": STATE_VERSION, "step": self._step, "mix": self.mix.state_dict(),
                 "packer": self.packer.state_dict(), "deferred": [list(k) for k in self._deferred],
-                "bad": self.bad.state_dict(), "fingerprint": dict(self._fingerprint)}
+                "bad": self.bad.state_dict(), "fingerprint": dict(self._fingerprint),
+                "realised": {"sources": dict(self._realised_sources), "modality": dict(self._realised_modality)}}
+
+    def plan_steps(self, n: int) -> list[DataStepStats]:
+        """Plan the next `n` steps without decoding a picture (cheap: headers only); advances the stream, so call
+        it on a loader of its own (train/batch_plan.py sizes steps in samples this way)."""
+        return [self._plan().stats for _ in range(n)]
 
     # ------------------------------------------------------------------------------------ materialising
     def _collate(self, metas: list[SampleMeta]):
@@ -274,12 +309,13 @@ class StepLoader:
     # ------------------------------------------------------------------------------------ state
     def bad_samples(self) -> BadSampleLog:
         """All samples skipped so far, per reason: planning drops (the same on every rank: log them once) plus
-        this rank's decode-time drops (sum them over ranks)."""
+        this rank's decode-time drops (sum them over ranks). As of the last step `next()` returned: the planner
+        thread may have planned (and counted) steps ahead that are not trained yet."""
         out = BadSampleLog()
-        for log in (self.bad, self.decode_bad):
-            for reason, n in log.counts.items():
-                out.counts[reason] += n
-                out.examples.setdefault(reason, []).extend(log.examples.get(reason, [])[:out.max_examples])
+        planned = BadSampleLog()
+        planned.load_state_dict(self._consumed["bad"])
+        for log in (planned, self.decode_bad):
+            out.merge(log)
         return out
 
     def state_dict(self) -> dict:
@@ -298,22 +334,41 @@ class StepLoader:
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {sd.get('version')} != {STATE_VERSION}")
         if strict and sd["fingerprint"] != self._fingerprint:
-            diff = {k: (sd["fingerprint"].get(k), v) for k, v in self._fingerprint.items()
-                    if sd["fingerprint"].get(k) != v}
+            diff = {k: (sd["fingerprint"].get(k), self._fingerprint.get(k))
+                    for k in {**sd["fingerprint"], **self._fingerprint}
+                    if sd["fingerprint"].get(k) != self._fingerprint.get(k)}
             raise ValueError(f"loader state was saved with different data settings {diff} (saved, now): "
                              "resume with the same data config, or load_state_dict(..., strict=False)")
         self.close()
         self._reset_planner()
         self.mix.load_state_dict(sd["mix"])
-        self.packer.load_state_dict(sd["packer"], key_fn=tuple)
+        self.packer.load_state_dict(_align_packer_state(sd["packer"], self.world * self.M), key_fn=tuple)
         self._deferred = [tuple(k) for k in sd["deferred"]]
         self._step = int(sd["step"])
         self.bad.load_state_dict(sd["bad"])
         self.decode_bad.load_state_dict(sd.get("decode_bad", {}))
+        realised = sd.get("realised", {})
+        self._realised_sources = Counter(realised.get("sources", {}))
+        self._realised_modality = Counter(realised.get("modality", {}))
         keys = [tuple(it[1]) for it in sd["packer"]["items"]] + [tuple(k[0]) for k in sd["packer"]["long"]]
         for key in keys + self._deferred:
             self._metas[key] = self._describe(key)
         self._consumed = self._snapshot()
+
+
+def _align_packer_state(sd: dict, step_packs: int) -> dict:
+    """The packer state with its pack counter rebased so that the next pack opens a step of `step_packs` packs.
+
+    The packer releases long samples when `n_packs % step_packs == 0`; a state saved after k steps of another
+    geometry (elastic resume: DP size x micro-batches changed) need not be a multiple of the new one. Every
+    arrival stamp moves by the same offset, so ages (and so ageing and long-sample waits) are unchanged; with the
+    geometry unchanged the offset is 0 and the state is loaded as saved."""
+    shift = -int(sd["n_packs"]) % step_packs
+    if shift == 0:
+        return sd
+    return {**sd, "n_packs": int(sd["n_packs"]) + shift,
+            "items": [[seq, key, n, int(born) + shift] for seq, key, n, born in sd["items"]],
+            "long": [[key, n, int(born) + shift] for key, n, born in sd["long"]]}
 
 
 def build_loader(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> StepLoader:

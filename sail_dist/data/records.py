@@ -43,6 +43,16 @@ BAD_REASONS: dict[str, str] = {
                 "or lower data.max_tiles",
     "too_long_cap": "raise data.long_sample_max_tokens (a lone long sample must fit in device memory) "
                     "or shorten the sample",
+    "no_ground_truth": "give the RL prompt an `answer` (or end it with the reference assistant turn), or mark it "
+                       "`\"kind\": \"open\"` and configure a judge (rl.reward.judge.kind=local|http)",
+    "bad_prompt_field": "an RL prompt's `answer` must be a non-empty string or number, `kind` one of verifiable | "
+                        "open, and `choices` a list of option texts or a {letter: text} mapping",
+    "bad_think_format": "write the last assistant answer as `<think>\\n...\\n</think>\\n\\n` + a final answer "
+                        "ending in `\\boxed{...}` (one think block, closed, reasoning in longcot; an empty or no think "
+                        "block marks a direct answer in fusion); keep earlier assistant turns free of think tags "
+                        "(docs/data.md, LongCoT and Think-Fusion data)",
+    "think_answer_mismatch": "make the `\\boxed{}` answer after </think> agree with the record's `answer` field, "
+                             "or drop the field",
 }
 
 _USER = ("human", "user")
@@ -71,34 +81,101 @@ class BadSampleError(ValueError):
 
 @dataclass
 class BadSampleLog:
-    """Per-reason counters of skipped samples, with the first few examples of each reason for the log."""
+    """Skipped samples per reason, as distinct records (`file:line`) and as occurrences.
 
-    counts: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
+    A bad record is met again on every pass over its source (and on every draw of an up-weighted record), so
+    occurrences overcount what there is to fix; the distinct records are what a user acts on. The state stays
+    small: up to `max_records` distinct records are kept per reason (with their occurrences); a record first met
+    once that list is full is counted (occurrences in `unlisted`), not kept, and the distinct count becomes a
+    lower bound ("at least N"). `examples` keeps the detail of the first `max_examples` records per reason.
+    """
+
+    counts: Counter = field(default_factory=Counter)  # reason -> occurrences
+    records: dict[str, dict[str, int]] = field(default_factory=dict)  # reason -> {file:line: occurrences}
+    unlisted: Counter = field(default_factory=Counter)  # reason -> occurrences of records past max_records
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> ["file:line: detail", ...]
+    max_records: int = 100
     max_examples: int = 5
 
-    def add(self, reason: str, where: str, detail: str = "") -> None:
-        self.counts[reason] += 1
+    def add(self, reason: str, where: str, detail: str = "", n: int = 1) -> None:
+        """Count `n` occurrences of the bad record `where` under `reason`."""
+        self.counts[reason] += n
+        rec = self.records.setdefault(reason, {})
+        if where in rec:
+            rec[where] += n
+            return
+        if len(rec) >= self.max_records:
+            self.unlisted[reason] += n
+            return
+        rec[where] = n
         ex = self.examples.setdefault(reason, [])
         if len(ex) < self.max_examples:
             ex.append(f"{where}: {detail}" if detail else where)
 
+    def merge(self, other: "BadSampleLog") -> None:
+        """Add another log's counts (another rank's decode drops, a rank gone in an elastic resume)."""
+        for reason, recs in other.records.items():
+            details = {e.split(": ", 1)[0]: e.split(": ", 1)[1] for e in other.examples.get(reason, []) if ": " in e}
+            for where, n in recs.items():
+                self.add(reason, where, details.get(where, ""), n)
+        for reason, n in other.unlisted.items():
+            self.counts[reason] += n
+            self.unlisted[reason] += n
+
     @property
     def total(self) -> int:
+        """Occurrences, all reasons."""
         return sum(self.counts.values())
 
-    def summary(self) -> str:
+    def distinct(self, reason: str | None = None) -> int:
+        """Distinct records (of one reason, or all); a lower bound ("at least") where `exact()` is False."""
+        reasons = [reason] if reason is not None else list(self.counts)
+        return sum(len(self.records.get(r, {})) + (1 if self.unlisted.get(r) else 0) for r in reasons)
+
+    def exact(self, reason: str | None = None) -> bool:
+        """Whether every distinct record was kept (so `distinct()` is exact)."""
+        reasons = [reason] if reason is not None else list(self.counts)
+        return not any(self.unlisted.get(r) for r in reasons)
+
+    def brief(self) -> str:
+        """'3 distinct records (7 occurrences)'."""
+        n = self.distinct()
+        return (f"{'' if self.exact() else 'at least '}{n} distinct record{'' if n == 1 else 's'} "
+                f"({self.total} occurrences)")
+
+    def summary(self, show: int = 5) -> str:
+        """'3 distinct records (7 occurrences): too_long: 2 records (a.jsonl:12, a.jsonl:40); malformed_json: 1
+        record, 5 occurrences (a.jsonl:3 x5)' -- the records of each reason, up to `show` of them."""
         if not self.counts:
             return "no bad samples"
-        parts = [f"{r}={n} (e.g. {self.examples.get(r, ['?'])[0]})" for r, n in sorted(self.counts.items())]
-        return f"{self.total} samples skipped: " + "; ".join(parts)
+        parts = []
+        for reason in sorted(self.counts):
+            recs = self.records.get(reason, {})
+            n, occ = len(recs), self.counts[reason]
+            if self.exact(reason):
+                head = f"{n} record{'' if n == 1 else 's'}" + (f", {occ} occurrences" if occ != n else "")
+            else:
+                head = (f"at least {n + 1} records, {occ} occurrences (the first {n} records kept: "
+                        f"{self.unlisted[reason]} occurrences are of records past them)")
+            shown = [w if k == 1 else f"{w} x{k}" for w, k in list(recs.items())[:show]]
+            if len(recs) > show:
+                shown.append(f"{len(recs) - show} more")
+            parts.append(f"{reason}: {head} ({', '.join(shown)})")
+        return f"{self.brief()}: " + "; ".join(parts)
 
     def state_dict(self) -> dict:
-        return {"counts": dict(self.counts), "examples": {k: list(v) for k, v in self.examples.items()}}
+        return {"counts": dict(self.counts), "records": {k: dict(v) for k, v in self.records.items()},
+                "unlisted": dict(self.unlisted), "examples": {k: list(v) for k, v in self.examples.items()}}
 
     def load_state_dict(self, sd: dict) -> None:
         self.counts = Counter(sd.get("counts", {}))
+        self.records = {k: dict(v) for k, v in sd.get("records", {}).items()}
+        self.unlisted = Counter(sd.get("unlisted", {}))
         self.examples = {k: list(v) for k, v in sd.get("examples", {}).items()}
+        for reason, n in self.counts.items():  # a state from before distinct records were kept: count, not list
+            extra = n - sum(self.records.get(reason, {}).values()) - self.unlisted.get(reason, 0)
+            if extra > 0:
+                self.unlisted[reason] += extra
 
 
 def handle_bad(exc: BadSample, on_bad_sample: str, log: BadSampleLog) -> None:
@@ -127,6 +204,7 @@ class Record:
     video: str | None = None
     image_sizes: list[tuple[int, int]] | None = None  # optional (width, height) per image, from the record
     record_id: str | None = None  # the record's own "id", if any
+    answer: str | None = None  # the record's own final `answer` field (string or number), if any
 
 
 def _as_paths(value, key: str, where: str) -> list[str]:
@@ -169,8 +247,11 @@ def _resolve(path: str, root: str) -> str:
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(root, path))
 
 
-def parse_record(line: str, where: str, sample_id: str, media_root: str) -> Record:
-    """Parse and structurally validate one JSONL line. Media files are not opened here (see loader.describe)."""
+def parse_record(line: str, where: str, sample_id: str, media_root: str, require_answer: bool = True) -> Record:
+    """Parse and structurally validate one JSONL line. Media files are not opened here (see loader.describe).
+
+    require_answer=False accepts a record without an assistant turn (an RL / evaluation prompt, sail_dist/rl/prompts.py).
+    """
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -212,7 +293,7 @@ def parse_record(line: str, where: str, sample_id: str, media_root: str) -> Reco
         text = _content_text(t[text_key], where, images)
         turns.append(Turn(role, text))
 
-    if not any(t.role == "assistant" and t.text.strip() for t in turns):
+    if require_answer and not any(t.role == "assistant" and t.text.strip() for t in turns):
         raise BadSample("no_assistant_turn", where, "no assistant turn with text")
     if any(t.role == "system" for t in turns[1:]):
         raise BadSample("bad_turn", where, "a system turn may only come first")
@@ -248,6 +329,8 @@ def parse_record(line: str, where: str, sample_id: str, media_root: str) -> Reco
         video=_resolve(video, media_root) if video is not None else None,
         image_sizes=sizes,
         record_id=str(obj["id"]) if "id" in obj else None,
+        answer=str(obj["answer"]) if isinstance(obj.get("answer"), (str, int, float)) and not
+        isinstance(obj.get("answer"), bool) else None,
     )
 
 
@@ -272,7 +355,7 @@ class JsonlSource:
         self.media_root = os.path.abspath(os.path.expanduser(spec.image_root)) if spec.image_root \
             else os.path.dirname(self.path)
         offsets, lines = [], []
-        pos = 0
+        pos = lineno = 0
         with open(self.path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 if raw.strip():
@@ -283,6 +366,10 @@ class JsonlSource:
             raise ValueError(f"data source {index} ({self.path}) has no records; fix data.sources[{index}].path")
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.line_numbers = np.asarray(lines, dtype=np.int64)
+        self.n_lines = lineno
+        # per-row sampling weights (None: every row once per pass)
+        self.row_weights = (read_record_weights(spec.record_weights, self, index) if spec.record_weights
+                            else None)
         self._fh = None
 
     def __len__(self) -> int:
@@ -301,6 +388,32 @@ class JsonlSource:
         return parse_record(text, f"{self.path}:{lineno}", f"{self.name}:{lineno}", self.media_root)
 
 
+def read_record_weights(path: str, source: "JsonlSource", index: int) -> np.ndarray:
+    """The per-row weights of `source` from a sidecar file: one number per line of the JSONL (blank lines
+    included, their numbers unused), lines starting with '#' are comments. -> float64 [len(source)]."""
+    where = f"data.sources[{index}].record_weights={path!r}"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}: file not found; write it with `sail-data balance {source.path} --out {path}`")
+    values = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.startswith("#"):
+                continue
+            try:
+                values.append(float(line))
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: {line.strip()[:40]!r} is not a number ({where}); one weight "
+                                 "per JSONL line") from None
+    if len(values) != source.n_lines:
+        raise ValueError(f"{where} has {len(values)} weights but {source.path} has {source.n_lines} lines: the "
+                         "weights belong to another version of the file; re-run `sail-data balance` on it")
+    w = np.asarray(values, dtype=np.float64)[source.line_numbers - 1]
+    if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"{where}: weights must be finite and >= 0 with a positive sum (got min {w.min()}, "
+                         f"sum {w.sum()})")
+    return w
+
+
 class SourceMix:
     """The deterministic global sample stream over weighted sources.
 
@@ -308,6 +421,11 @@ class SourceMix:
     (Megatron's blending rule, exact in every window), and within a source walks a permutation seeded by
     (seed, source, pass); when a source is exhausted its next pass starts with a new seeded order. The state
     is (drawn, per-source counts): small, and restoring it resumes the exact stream.
+
+    A source with per-record weights (`row_weights`) draws each pass of n rows by systematic sampling from the
+    weights (one seeded offset u, the n points (u + i) / n on the cumulative weight: row r appears
+    floor or ceil of n * p_r times), then shuffles them with the pass's seeded permutation; so the stream is still
+    a pure function of (seed, source, pass, position) and the state stays (drawn, counts).
     """
 
     def __init__(self, sources: list[JsonlSource], seed: int):
@@ -332,8 +450,15 @@ class SourceMix:
         p, i = divmod(k, n)
         cached = self._perm.get(src)
         if cached is None or cached[0] != p:
-            perm = np.random.default_rng([self.seed, src, p]).permutation(n)
-            cached = (p, perm)
+            rng = np.random.default_rng([self.seed, src, p])
+            w = getattr(self.sources[src], "row_weights", None)
+            if w is None:
+                rows = rng.permutation(n)
+            else:
+                cum = np.cumsum(w)
+                points = (rng.random() + np.arange(n)) / n * cum[-1]
+                rows = np.minimum(np.searchsorted(cum, points, side="right"), n - 1)[rng.permutation(n)]
+            cached = (p, rows)
             self._perm[src] = cached
         return int(cached[1][i])
 
@@ -359,5 +484,10 @@ class SourceMix:
 
 
 def open_sources(data_cfg: DataConfig) -> list[JsonlSource]:
-    """Index every JSONL file of `data.sources`."""
-    return [JsonlSource(s, i) for i, s in enumerate(data_cfg.sources)]
+    """Index every JSONL file of `data.sources`; with data.source_weighting=size each source's weight becomes
+    weight * n^(1/size_temperature) for its n records (the mix normalises the shares)."""
+    sources = [JsonlSource(s, i) for i, s in enumerate(data_cfg.sources)]
+    if data_cfg.source_weighting == "size":
+        for s in sources:
+            s.weight = s.weight * float(len(s)) ** (1.0 / data_cfg.size_temperature)
+    return sources

@@ -18,7 +18,8 @@ from sail_dist.config import Config
 from sail_dist.data.balance import CostModel, SampleCost, cost_model_from_config
 from sail_dist.data.batch import PackedBatch
 from sail_dist.data.records import BadSample, BadSampleLog, Record, handle_bad, pictures_before_video
-from sail_dist.data.template import IGNORE, ChatTemplate, Encoded, load_tokenizer, loss_weights
+from sail_dist.data.template import (IGNORE, ChatTemplate, Encoded, apply_think_rules, load_tokenizer, loss_weights,
+                                     think_targets)
 from sail_dist.data.vision import (VideoError, VisionSpec, image_size, load_image, load_video_frames,
                                    process_frame, process_image, video_info)
 
@@ -37,6 +38,7 @@ class SampleMeta:
     picture_tokens: list[int]  # vision tokens per picture in text order (each video frame is a picture)
     video_frames: int
     cost: SampleCost
+    is_cot: bool = False  # data.think_format=fusion/longcot: the answer has a non-empty thought
 
     @property
     def n_tokens(self) -> int:
@@ -57,9 +59,10 @@ class SampleBuilder:
     """Record -> SampleMeta -> PackedBatch, under one config (template, vision spec, cost model, policy)."""
 
     def __init__(self, template: ChatTemplate, spec: VisionSpec, cost: CostModel, reduction: str = "token",
-                 on_bad_sample: str = "error"):
+                 on_bad_sample: str = "error", think_format: str = "none"):
         self.template, self.spec, self.cost = template, spec, cost
         self.reduction, self.on_bad_sample = reduction, on_bad_sample
+        self.think_format = think_format  # data.think_format: none | longcot | fusion (template.apply_think_rules)
 
     @classmethod
     def from_config(cls, cfg: Config, tokenizer_dir: str | None = None) -> "SampleBuilder":
@@ -69,7 +72,7 @@ class SampleBuilder:
                              f"{cfg.model.llm.vocab_size}: set model.llm.vocab_size >= {tok.get_vocab_size()}")
         return cls(ChatTemplate(tok, cfg.model.tokens, cfg.data.system_prompt),
                    VisionSpec.from_config(cfg.model, cfg.data), cost_model_from_config(cfg.model),
-                   cfg.data.loss_reduction, cfg.data.on_bad_sample)
+                   cfg.data.loss_reduction, cfg.data.on_bad_sample, cfg.data.think_format)
 
     # ---------------------------------------------------------------------------------------- metadata
     def _image_size(self, rec: Record, i: int) -> tuple[int, int]:
@@ -94,8 +97,13 @@ class SampleBuilder:
             raise BadSample("unreadable_video", rec.where, f"{rec.video} has no frames")
         return n, size
 
-    def describe(self, rec: Record, key: tuple = ()) -> SampleMeta:
-        """Validate media headers, tokenize, count tokens and cost. Raises BadSample."""
+    def describe(self, rec: Record, key: tuple = (), need_labels: bool = True) -> SampleMeta:
+        """Validate media headers, apply the think rules (training samples), tokenize, count tokens and cost.
+        Raises BadSample (need_labels=False: a prompt record without an assistant turn is fine)."""
+        is_cot = False
+        if need_labels and self.think_format != "none" and any(t.role == "assistant" for t in rec.turns):
+            rec, ans = apply_think_rules(rec, self.think_format)
+            is_cot = ans.is_cot
         spec = self.spec
         per_image = [spec.image_grids(*self._image_size(rec, i)) for i in range(len(rec.images))]
         frames: list[list[tuple[int, int]]] = []
@@ -109,11 +117,11 @@ class SampleBuilder:
                     + [("image", p, len(g)) for p, g in zip(rec.images[before:], per_image[before:])])
         picture_tokens = [spec.tokens(g) for g in ordered]
         encoded = self.template.encode(rec.turns, picture_tokens, video_frames=len(frames))
-        if encoded.n_label_tokens == 0:
+        if need_labels and encoded.n_label_tokens == 0:
             raise BadSample("no_assistant_turn", rec.where, "no supervised tokens after templating")
         grids = [g for gs in ordered for g in gs]
         return SampleMeta(key, rec, encoded, grids, pictures, picture_tokens, len(frames),
-                          SampleCost.of(self.cost, len(encoded), grids, spec.merge))
+                          SampleCost.of(self.cost, len(encoded), grids, spec.merge), is_cot)
 
     # ---------------------------------------------------------------------------------------- pixels
     def pixels(self, meta: SampleMeta) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
@@ -148,9 +156,13 @@ class SampleBuilder:
         """Decode a pack's pictures and build its PackedBatch; an empty pack gives a padding micro-batch.
 
         A sample whose pixels fail to decode raises (error policy) or is left out and reported (skip).
+        With data.think_format=fusion the batch carries the think_fusion objective's marks:
+        extras["thought_T"] (1 where the target labels[t] is a token of the answer's think block, tags included)
+        and extras["is_cot_S"] (1 for a sample whose answer has a thought); other formats add no extras.
         """
         dropped = []
         ids, labels, weights, pos, cu, sids = [], [], [], [], [0], []
+        thought, is_cot = [], []
         patches, grids = [], []
         for m in metas:
             try:
@@ -168,8 +180,13 @@ class SampleBuilder:
             sids.append(m.sample_id)
             patches += p
             grids += g
+            if self.think_format == "fusion":
+                thought += think_targets(enc.labels, self.template.t)
+                is_cot.append(float(m.is_cot))
         if not sids:
             return Collated(self.padding_batch(), dropped)
+        extras = {"thought_T": torch.tensor(thought, dtype=torch.float32),
+                  "is_cot_S": torch.tensor(is_cot, dtype=torch.float32)} if self.think_format == "fusion" else {}
         return Collated(PackedBatch(
             input_ids=torch.tensor(ids, dtype=torch.long),
             labels=torch.tensor(labels, dtype=torch.long),
@@ -180,6 +197,7 @@ class SampleBuilder:
             pixel_values=torch.from_numpy(np.concatenate(patches)) if patches else None,
             image_grid_hw=torch.tensor(grids, dtype=torch.long) if grids else None,
             sample_ids=sids,
+            extras=extras,
         ), dropped)
 
     def padding_batch(self) -> PackedBatch:
@@ -192,14 +210,18 @@ class SampleBuilder:
             max_seqlen=1,
             loss_weight=torch.zeros(1, dtype=torch.float32),
             sample_ids=[PAD_SAMPLE_ID],
+            extras={"thought_T": torch.zeros(1), "is_cot_S": torch.zeros(1)} if self.think_format == "fusion" else {},
         )
 
     # ---------------------------------------------------------------------------------------- prompts
     def prompt(self, rec: Record, key: tuple = ()) -> tuple[PackedBatch, str]:
         """The record up to (not including) its last assistant answer, ending in `<|im_start|>assistant\n`,
-        as a one-sample PackedBatch without loss, plus the reference answer text (for evaluation)."""
-        meta = self.describe(rec, key)
-        last = max(i for i, t in enumerate(rec.turns) if t.role == "assistant")
+        as a one-sample PackedBatch without loss, plus the reference answer text (for evaluation).
+
+        A record whose last turn is not the assistant's (an RL prompt) is encoded whole; its reference is ""."""
+        meta = self.describe(rec, key, need_labels=False)
+        ends_with_answer = rec.turns[-1].role == "assistant"
+        last = len(rec.turns) - 1 if ends_with_answer else len(rec.turns)
         enc = self.template.encode(rec.turns[:last], meta.picture_tokens, video_frames=meta.video_frames,
                                    add_generation_prompt=True)
         patches, grids = self.pixels(meta)
@@ -215,7 +237,7 @@ class SampleBuilder:
             image_grid_hw=torch.tensor(grids, dtype=torch.long) if grids else None,
             sample_ids=[rec.sample_id],
         )
-        return batch, rec.turns[last].text
+        return batch, rec.turns[last].text if ends_with_answer else ""
 
 
 def default_tokenizer_dir(cfg: Config) -> str:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tokenizers import Tokenizer
 
 from sail_dist.config import TokenConfig
-from sail_dist.data.records import VIDEO_PLACEHOLDER, Turn
+from sail_dist.data.records import VIDEO_PLACEHOLDER, BadSample, Record, Turn
 
 IGNORE = -100
 _MEDIA_RE = re.compile(r"(<image>)")
@@ -159,8 +159,9 @@ def split_think(text: str) -> tuple[str | None, str]:
     return m.group(1).strip(), text[m.end():]
 
 
-def extract_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (nested braces allowed), or None."""
+def _last_boxed_span(text: str) -> tuple[int, int] | None:
+    """(start of the content, index of the closing brace) of the last \\boxed{...}; None if there is none or its
+    braces never balance (nested braces allowed)."""
     start = text.rfind("\\boxed{")
     if start < 0:
         return None
@@ -172,8 +173,14 @@ def extract_boxed(text: str) -> str | None:
         elif text[j] == "}":
             depth -= 1
             if depth == 0:
-                return text[i:j].strip()
+                return i, j
     return None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (nested braces allowed), or None."""
+    span = _last_boxed_span(text)
+    return None if span is None else text[span[0]:span[1]].strip()
 
 
 def has_think_format(text: str) -> bool:
@@ -181,3 +188,153 @@ def has_think_format(text: str) -> bool:
     thought, rest = split_think(text.strip())
     return (thought is not None and text.strip().startswith("<think>") and text.count("<think>") == 1
             and extract_boxed(rest) is not None)
+
+
+# ------------------------------------------------------------------------------------------- think rules
+EMPTY_THINK = "<think>\n\n</think>\n\n"  # how a direct answer is written under fusion (Qwen3's non-thinking layout)
+_OPEN_RE = re.compile(r"<\s*think\s*>", flags=re.I)
+_CLOSE_RE = re.compile(r"<\s*/\s*think\s*>", flags=re.I)
+# What may follow the final \boxed{...}: whitespace, closing math delimiters and end punctuation ("$\boxed{5}$.").
+_AFTER_BOX_RE = re.compile(r"[\s.,;!\u3002$)\]\\]*")
+
+
+class ThinkFormatError(ValueError):
+    """An answer that breaks the think rules; `reason` is a key of records.BAD_REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclass
+class ThinkAnswer:
+    """A normalised assistant answer: `text` is what the template encodes."""
+
+    text: str
+    thought: str  # "" for a direct answer
+    final: str  # what follows </think> (the answer proper)
+
+    @property
+    def is_cot(self) -> bool:
+        return bool(self.thought)
+
+
+def _squash(s: str) -> str:
+    return " ".join(s.split())
+
+
+def _last_box_end(text: str) -> int:
+    """Index just past the closing brace of the last \\boxed{...} (-1 if there is none or it is unbalanced)."""
+    span = _last_boxed_span(text)
+    return -1 if span is None else span[1] + 1
+
+
+def normalise_think(text: str, mode: str, answer: str | None = None) -> ThinkAnswer:
+    """Normalise and validate one assistant answer under `data.think_format` = `mode` (longcot | fusion).
+
+    Normalisation (never changes what is said, only how it is laid out):
+      - `\\r\\n` -> `\\n`; the tag variants `<Think>`, `< think >`, `</ think>` -> `<think>` / `</think>`;
+      - an answer that starts with its reasoning and closes it with `</think>` but has no `<think>` (the opening
+        tag sat in the generation prompt, as in DeepSeek-R1 / Qwen3 outputs) gets the `<think>` back;
+      - whitespace around the tags is rewritten to `<think>\\n{thought}\\n</think>\\n\\n{final}` (format_think's
+        layout), whatever newlines the record had (none, several, spaces);
+      - a reasoning answer whose text after `</think>` has no `\\boxed{}` while the record has an `answer` field:
+        an empty or bare-answer tail becomes `\\boxed{answer}`; a tail that contains the answer gets
+        `\\n\\n\\boxed{answer}` appended; a tail that does not mention it is a think_answer_mismatch;
+      - fusion, direct answer (no think block, or an empty one): written as `<think>\\n\\n</think>\\n\\n{final}`.
+    Validation (ThinkFormatError, reason bad_think_format unless said): `<think>` without `</think>`; more than one
+    think block; text before `<think>`; longcot without a think block or with an empty thought; a reasoning answer
+    with no `\\boxed{}` after `</think>` (e.g. only inside the thought) or an unbalanced one; anything but
+    whitespace, closing math delimiters or end punctuation after the final `\\boxed{}`; a direct answer with
+    nothing after the empty block; a `\\boxed{}` that disagrees with the `answer` field (think_answer_mismatch,
+    compared with whitespace squashed).
+    """
+    if mode not in ("longcot", "fusion"):
+        raise ValueError(f"think format {mode!r}: expected longcot or fusion")
+    t = _CLOSE_RE.sub("</think>", _OPEN_RE.sub("<think>", text.replace("\r\n", "\n"))).strip()
+    n_open, n_close = t.count("<think>"), t.count("</think>")
+    if n_open > 1 or n_close > 1:
+        raise ThinkFormatError("bad_think_format", f"{max(n_open, n_close)} think blocks (one is allowed)")
+    if n_open == 1 and n_close == 0:
+        raise ThinkFormatError("bad_think_format", "<think> is never closed by </think>")
+    if n_open == 0 and n_close == 1:
+        t = "<think>" + t
+    if "<think>" not in t:
+        if mode == "longcot":
+            raise ThinkFormatError("bad_think_format", "no <think>...</think> block (longcot needs the reasoning)")
+        thought, final = "", t
+    else:
+        if not t.startswith("<think>"):
+            raise ThinkFormatError("bad_think_format", f"text before <think>: {t[:t.index('<think>')][:40]!r}")
+        thought, final = split_think(t)
+        final = final.strip()
+    if not thought:
+        if mode == "longcot":
+            raise ThinkFormatError("bad_think_format", "empty thought (longcot needs the reasoning)")
+        if not final:
+            raise ThinkFormatError("bad_think_format", "no answer after the empty think block")
+        got = extract_boxed(final)
+        if answer is not None and got is not None and _squash(got) != _squash(answer):
+            raise ThinkFormatError("think_answer_mismatch", f"\\boxed{{{got[:40]}}} but answer={answer[:40]!r}")
+        return ThinkAnswer(EMPTY_THINK + final, "", final)
+    if "\\boxed{" not in final:
+        if answer is None:
+            where = " (the only \\boxed{} is inside the thought)" if "\\boxed{" in thought else ""
+            raise ThinkFormatError("bad_think_format", f"no \\boxed{{}} answer after </think>{where}")
+        bare = _squash(final).rstrip(".")
+        if not bare or bare == _squash(answer):
+            final = f"\\boxed{{{answer.strip()}}}"
+        elif _squash(answer) in _squash(final):
+            final = f"{final}\n\n\\boxed{{{answer.strip()}}}"
+        else:
+            raise ThinkFormatError("think_answer_mismatch", f"the text after </think> has no \\boxed{{}} and does "
+                                   f"not contain answer={answer[:40]!r}")
+    end = _last_box_end(final)
+    if end < 0:
+        raise ThinkFormatError("bad_think_format", "unbalanced braces in the last \\boxed{...}")
+    if not _AFTER_BOX_RE.fullmatch(final[end:]):
+        raise ThinkFormatError("bad_think_format", f"text after the final \\boxed{{}}: {final[end:].strip()[:40]!r}")
+    got = extract_boxed(final)
+    if answer is not None and _squash(got) != _squash(answer):
+        raise ThinkFormatError("think_answer_mismatch", f"\\boxed{{{got[:40]}}} but answer={answer[:40]!r}")
+    return ThinkAnswer(f"<think>\n{thought}\n</think>\n\n{final}", thought, final)
+
+
+def apply_think_rules(rec: Record, mode: str) -> tuple[Record, ThinkAnswer]:
+    """data.think_format = `mode` (longcot | fusion) on one record: a copy with its last assistant answer
+    normalised by `normalise_think` (the record's `answer` field, if any, is checked against it), and that answer.
+    Raises BadSample (bad_think_format, think_answer_mismatch) naming the record's file:line. Earlier assistant
+    turns must carry no think tags: only the last answer's reasoning is trained (Qwen3's template strips the
+    reasoning of history turns too)."""
+    last = max(i for i, t in enumerate(rec.turns) if t.role == "assistant")
+    for i, t in enumerate(rec.turns[:last]):
+        if t.role == "assistant" and (_OPEN_RE.search(t.text) or _CLOSE_RE.search(t.text)):
+            raise BadSample("bad_think_format", rec.where, f"assistant turn {i} (not the last) has think tags")
+    try:
+        ans = normalise_think(rec.turns[last].text, mode, rec.answer)
+    except ThinkFormatError as e:
+        raise BadSample(e.reason, rec.where, e.detail) from None
+    turns = list(rec.turns)
+    turns[last] = Turn("assistant", ans.text)
+    return replace(rec, turns=turns), ans
+
+
+def think_targets(labels: list[int], tokens: TokenConfig) -> list[int]:
+    """Per position t, 1 where the TARGET labels[t] is a token of the think block (`<think>` ... `</think>`, tags
+    included) of a supervised answer, else 0: aligned with `labels`, as the objective reads it.
+
+    The block is found by the two tag ids (single tokens, never merged with text), at supervised positions only,
+    so a `<think>` a user typed is never marked."""
+    out = [0] * len(labels)
+    inside = False
+    for t, y in enumerate(labels):
+        if y == IGNORE:
+            inside = False
+            continue
+        if y == tokens.think_start:
+            inside = True
+        if inside:
+            out[t] = 1
+        if y == tokens.think_end:
+            inside = False
+    return out

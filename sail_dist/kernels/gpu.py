@@ -19,6 +19,7 @@ import inspect
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from sail_dist.config import KernelConfig
 from sail_dist.kernels import reference as ref
@@ -115,6 +116,76 @@ def make_attention(attention_impl: str = "auto"):
 
     attention.impl = impl
     return attention
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode attention over the KV cache (generation)
+# --------------------------------------------------------------------------------------------------
+DECODE_ATTENTION_IMPLS = ("auto", "flash_attn", "triton", "sdpa", "reference")
+
+
+def _flash_kvcache_fn():
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except Exception:  # noqa: BLE001 - ImportError, or a flash-attn build that fails to load
+        return None
+    return flash_attn_with_kvcache
+
+
+def _decode_attention_sdpa(q_BHD, k_cache_BSHD, v_cache_BSHD, lengths_B):
+    """torch SDPA over the whole cache with a length mask: no host sync, so it is CUDA-graph capturable.
+    The Hq/Hkv query heads of a kv head are that head's query rows, so GQA needs no repeated cache."""
+    B, Hq, D = q_BHD.shape
+    S, Hkv = k_cache_BSHD.shape[1], k_cache_BSHD.shape[2]
+    q_BHGD = q_BHD.view(B, Hkv, Hq // Hkv, D)
+    keep_B11S = (torch.arange(S, device=q_BHD.device)[None, :] < lengths_B.to(torch.long)[:, None])[:, None, None, :]
+    o = F.scaled_dot_product_attention(q_BHGD, k_cache_BSHD.transpose(1, 2).to(q_BHD.dtype),
+                                       v_cache_BSHD.transpose(1, 2).to(q_BHD.dtype), attn_mask=keep_B11S)
+    return o.reshape(B, Hq, D)
+
+
+def _decode_attention_flash(q_BHD, k_cache_BSHD, v_cache_BSHD, lengths_B):
+    """flash-attn's KV-cache kernel (split-KV over the valid rows only; cache_seqlens on the device)."""
+    o = _flash_kvcache_fn()(q_BHD[:, None], k_cache_BSHD, v_cache_BSHD, cache_seqlens=lengths_B.to(torch.int32))
+    return o[:, 0]
+
+
+def _triton_decode_fn():
+    try:
+        from sail_dist.kernels.triton.decode_attention import decode_attention
+    except ImportError:
+        return None
+    return decode_attention
+
+
+def make_decode_attention(impl: str = "auto"):
+    """decode_attention(q[B,Hq,D], k_cache[B,S,Hkv,D], v_cache, lengths[B]) on the chosen kernel: "triton" (split-KV,
+    reads only the valid rows; sail_dist/kernels/triton/decode_attention.py), flash-attn's KV-cache kernel, or a
+    masked SDPA over the whole cache; "auto" = triton when importable, else flash_attn, else sdpa. The flash path
+    takes fp16/bf16 only (other CUDA dtypes go to SDPA); CPU tensors take the reference."""
+    if impl not in DECODE_ATTENTION_IMPLS:
+        raise ValueError(f"decode attention impl={impl!r}; choose one of {DECODE_ATTENTION_IMPLS}")
+    if impl == "auto":
+        impl = "triton" if _triton_decode_fn() is not None else "flash_attn" if _flash_kvcache_fn() is not None \
+            else "sdpa"
+    if impl == "triton" and _triton_decode_fn() is None:
+        raise ImportError("decode attention impl='triton' but triton is not importable")
+    if impl == "flash_attn" and _flash_kvcache_fn() is None:
+        raise ImportError("decode attention impl='flash_attn' but flash_attn.flash_attn_with_kvcache is not importable")
+
+    def decode_attention(q_BHD, k_cache_BSHD, v_cache_BSHD, lengths_B):
+        if impl == "reference" or not q_BHD.is_cuda:
+            return ref.decode_attention(q_BHD, k_cache_BSHD, v_cache_BSHD, lengths_B)
+        D = q_BHD.shape[-1]
+        if impl == "triton" and D >= 16 and not D & (D - 1):  # the kernel's tiles take power-of-2 head dims
+            return _triton_decode_fn()(q_BHD, k_cache_BSHD, v_cache_BSHD, lengths_B)
+        half = q_BHD.dtype in (torch.float16, torch.bfloat16) and q_BHD.dtype == k_cache_BSHD.dtype
+        if impl == "flash_attn" and half:
+            return _decode_attention_flash(q_BHD, k_cache_BSHD, v_cache_BSHD, lengths_B)
+        return _decode_attention_sdpa(q_BHD, k_cache_BSHD, v_cache_BSHD, lengths_B)
+
+    decode_attention.impl = impl
+    return decode_attention
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,12 +287,14 @@ def cross_entropy(h_TD: torch.Tensor, w_VD: torch.Tensor, labels_T: torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------------
-def opset(moe_impl: str = "triton", attention_impl: str = "auto", kernels: KernelConfig = KernelConfig()) -> OpSet:
+def opset(moe_impl: str = "triton", attention_impl: str = "auto", kernels: KernelConfig = KernelConfig(),
+          decode_attention_impl: str = "auto") -> OpSet:
     """The GPU OpSet; `moe_impl` picks the experts' implementation so the three compare end to end, `kernels`
-    the Triton experts' paths."""
+    the Triton experts' paths, `decode_attention_impl` generation's KV-cache attention."""
     if moe_impl not in _MOE:
         raise ValueError(f"moe_impl={moe_impl!r}; choose one of {MOE_IMPLS}")
     _log_once(f"sail_dist gpu OpSet: moe_experts = {moe_impl}")
     experts = functools.partial(moe_experts_triton, opts=kernels) if moe_impl == "triton" else _MOE[moe_impl]
     return OpSet(f"gpu[{moe_impl}]", attention=make_attention(attention_impl), rms_norm=ref.rms_norm,
-                 rope=ref.rope, swiglu=ref.swiglu, moe_experts=experts, cross_entropy=cross_entropy)
+                 rope=ref.rope, swiglu=ref.swiglu, moe_experts=experts, cross_entropy=cross_entropy,
+                 decode_attention=make_decode_attention(decode_attention_impl))

@@ -13,6 +13,10 @@ Signatures (T tokens, H heads, D head dim, E experts, K top-k, V vocab):
       y[t] = sum_j topk_weight[t,j] * swiglu(x[t] @ w_gate_up[e]) @ w_down[e],  e = topk_idx[t,j]
   cross_entropy(h[T,Hd], w[V,Hd], labels[T]) -> per-token loss [T] float32 (0 where labels == -100)
       the lm-head projection is part of the op so implementations may chunk it and never hold [T,V].
+  decode_attention(q[B,Hq,D], k_cache[B,S,Hkv,D], v_cache[B,S,Hkv,D], lengths[B] int) -> [B,Hq,D]
+      generation's one-query-per-sequence attention over a KV cache (BSND): query b attends to cache rows
+      [0, lengths[b]) of sequence b (the current token's K/V already written at lengths[b] - 1), softmax scale
+      1/sqrt(D), GQA as in `attention` (query head h reads kv head h // (Hq/Hkv)); lengths[b] >= 1.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ class OpSet:
     swiglu: Callable
     moe_experts: Callable
     cross_entropy: Callable
+    decode_attention: Callable
 
     def replace(self, **ops: Callable) -> "OpSet":
         """A copy with some ops swapped (e.g. the GPU set with another expert implementation)."""

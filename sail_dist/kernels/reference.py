@@ -68,6 +68,24 @@ def cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> tor
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
 
 
+def decode_attention(q_BHD: torch.Tensor, k_cache_BSHD: torch.Tensor, v_cache_BSHD: torch.Tensor,
+                     lengths_B: torch.Tensor) -> torch.Tensor:
+    """One query per sequence against its first lengths[b] cache rows (one host read of the lengths)."""
+    B, Hq, D = q_BHD.shape
+    Hkv = k_cache_BSHD.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads {Hq} not a multiple of kv heads {Hkv}")
+    out = torch.empty_like(q_BHD)
+    for b, n in enumerate(lengths_B.tolist()):
+        if not 1 <= n <= k_cache_BSHD.shape[1]:
+            raise ValueError(f"decode_attention: lengths[{b}] = {n} outside [1, cache length {k_cache_BSHD.shape[1]}]")
+        # The Hq/Hkv query heads of one kv head act as that head's query rows (GQA without repeating the cache).
+        q_HGD = q_BHD[b].view(Hkv, Hq // Hkv, D)
+        k_HnD, v_HnD = k_cache_BSHD[b, :n].transpose(0, 1), v_cache_BSHD[b, :n].transpose(0, 1)
+        out[b] = F.scaled_dot_product_attention(q_HGD, k_HnD.to(q_HGD.dtype), v_HnD.to(q_HGD.dtype)).reshape(Hq, D)
+    return out
+
+
 def opset() -> OpSet:
     return OpSet("reference", attention=attention, rms_norm=rms_norm, rope=rope, swiglu=swiglu,
-                 moe_experts=moe_experts, cross_entropy=cross_entropy)
+                 moe_experts=moe_experts, cross_entropy=cross_entropy, decode_attention=decode_attention)

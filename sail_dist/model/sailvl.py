@@ -101,3 +101,29 @@ class SailVL(nn.Module):
     def logits(self, batch: PackedBatch) -> torch.Tensor:
         """[T, V] logits (evaluation, generation and tests)."""
         return self.llm.logits(self.decode(self.embed(batch), batch))
+
+    # ---------------------------------------------------------------------------------------------
+    # Generation with a KV cache (sail_dist/rollout/sampler.py). `cache` holds per-layer k[i] / v[i] of shape
+    # [B, S, Hkv, Hd] (sail_dist/rollout/kv_cache.py); the math is the training forward's, layer by layer.
+    @torch.no_grad()
+    def prefill(self, batch: PackedBatch, cache, slot_S: torch.Tensor) -> torch.Tensor:
+        """Run packed prompts (the ViT once over their images), writing sample s's K/V into cache slot
+        slot_S[s] at its positions; -> [S, V] logits of each sample's last token."""
+        h_TD = self.embed(batch)
+        cos, sin = self.llm.rope(batch.position_ids, h_TD.dtype)
+        lens_S = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+        slot_T = torch.repeat_interleave(slot_S.to(h_TD.device), lens_S)
+        for layer in self.llm.layers:
+            h_TD = layer.prefill(h_TD, cos, sin, batch.cu_seqlens, batch.max_seqlen, cache, slot_T,
+                                 batch.position_ids)
+        return self.llm.logits(h_TD[batch.cu_seqlens[1:].long() - 1])
+
+    @torch.no_grad()
+    def decode_step(self, input_ids_B: torch.Tensor, pos_B: torch.Tensor, cache) -> torch.Tensor:
+        """One token per cache slot (input_ids_B[b] at position pos_B[b] of slot b) -> [B, V] next-token logits.
+        No host synchronisation on the GPU OpSet, so the step can be captured in a CUDA graph."""
+        h_BD = self.llm.embed_tokens(input_ids_B)
+        cos, sin = self.llm.rope(pos_B, h_BD.dtype)
+        for layer in self.llm.layers:
+            h_BD = layer.decode(h_BD, cos, sin, cache, pos_B)
+        return self.llm.logits(h_BD)

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 from typing import Callable
 
+from sail_dist.config import Config
 from sail_dist.objectives.base import AllReduce, LossShare, Objective
 from sail_dist.registry import Registry
 
 OBJECTIVES = Registry("train.objective", {
     "sft": "sail_dist.objectives.sft:SFTObjective",
+    "think_fusion": "sail_dist.objectives.think_fusion:ThinkFusionObjective",
+    "dapo": "sail_dist.objectives.policy:DAPOObjective",
+    "gspo": "sail_dist.objectives.policy:GSPOObjective",
 })
 
 
-def register_objective(name: str, factory: str | Callable[[], Objective]) -> None:
+def register_objective(name: str, factory: str | Callable[[Config | None], Objective]) -> None:
     """Register an objective under `name` (a class / factory, or a lazy "module:Class" string)."""
     OBJECTIVES.register(name, factory)
 
@@ -24,9 +28,9 @@ def available_objectives() -> list[str]:
     return OBJECTIVES.names()
 
 
-def build_objective(name: str) -> Objective:
-    """A fresh instance of the objective registered as `name` (`train.objective`)."""
-    return OBJECTIVES.get(name)()
+def build_objective(name: str, cfg: Config | None = None) -> Objective:
+    """A fresh instance of the objective registered as `name` (`train.objective`), given the run's config."""
+    return OBJECTIVES.get(name)(cfg)
 
 
 __all__ = ["AllReduce", "LossShare", "OBJECTIVES", "Objective", "available_objectives", "build_objective",

@@ -19,6 +19,7 @@ from typing import Callable, ClassVar
 
 import torch
 
+from sail_dist.config import Config
 from sail_dist.data.batch import PackedBatch
 from sail_dist.model.sailvl import ModelOutput
 
@@ -36,10 +37,16 @@ class LossShare:
 
 
 class Objective:
-    """Base class: override `begin_step` and `loss`; list the metric names `loss` returns in `metrics`."""
+    """Base class: override `begin_step` and `loss`; list the metric names `loss` returns in `metrics`.
+
+    Built once per engine with the run's Config (`build_objective(name, cfg)`), from which an objective reads
+    its own knobs (e.g. `cfg.rl.loss`); `cfg` is None in unit tests of objectives that take no knobs."""
 
     name: ClassVar[str] = ""
     metrics: ClassVar[tuple[str, ...]] = ()  # the same names on every rank, in this order (they are all-reduced)
+
+    def __init__(self, cfg: Config | None = None) -> None:
+        self.cfg = cfg
 
     def begin_step(self, micro_batches: list[PackedBatch], all_reduce: AllReduce) -> None:
         """Compute the step-global normalisation from this rank's micro-batches (collective over DP)."""

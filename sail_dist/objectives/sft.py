@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from sail_dist.config import Config
 from sail_dist.data.batch import PackedBatch
 from sail_dist.model.sailvl import ModelOutput
 from sail_dist.objectives.base import AllReduce, LossShare, Objective
@@ -16,7 +17,8 @@ from sail_dist.objectives.base import AllReduce, LossShare, Objective
 class SFTObjective(Objective):
     name = "sft"
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: Config | None = None) -> None:
+        super().__init__(cfg)
         self.weight_sum = float("nan")
 
     def begin_step(self, micro_batches: list[PackedBatch], all_reduce: AllReduce) -> None:

@@ -3,12 +3,13 @@
 Layout of `<out_dir>/checkpoints/step_00000100/`:
   engine/           the backend's own state (DeepSpeed ZeRO partitions, or Megatron dist_checkpointing)
   rank_00000.pt     per-rank state: data-loader position and packer buffers, RNG states
-  trainer.json      step, world size, backend, counters, the resolved config
+  trainer.json      step, world size, DP size, backend, counters, the resolved config
   COMPLETE          written last; a directory without it is never loaded
 
 Writes go to `step_XXXXXXXX.tmp`, which is renamed only after every rank finished, so a crash mid-save
 leaves at most a `.tmp` directory that resume ignores (and the next save replaces). The last
-`keep_last` complete checkpoints are kept.
+`keep_last` complete checkpoints are kept. A checkpoint resumes on another world size (elastic resume,
+docs/checkpoints.md): the engines reshard their state, the global rank state is rank 0's.
 """
 from __future__ import annotations
 
@@ -18,13 +19,13 @@ import os
 import random
 import re
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from sail_dist.config import Config, config_to_dict
+from sail_dist.config import Config, config_to_dict, flatten_dict
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,14 @@ class ResumeConfigError(CheckpointError):
 RUN_CONTROL_KEYS = frozenset({
     "train.steps", "train.resume", "train.out_dir", "train.init_from", "train.log_every", "train.save_every",
     "train.keep_last", "train.max_consecutive_nonfinite", "train.export_hf", "train.eval_samples",
-    "train.tensorboard", "data.num_workers", "data.prefetch", "data.demo_dir", "backend.dist_timeout_min"})
+    "train.tensorboard", "data.num_workers", "data.prefetch", "data.demo_dir", "backend.dist_timeout_min",
+    "rl.episodes", "rl.eval_every", "rl.save_every"})
+
+# Keys that lay the same training out over the devices (elastic resume, docs/checkpoints.md): a resume may change
+# them (the engines reshard their state). `train.micro_batches` splits the global batch over the DP ranks, so it
+# may change together with the DP size (keep dp x micro_batches to continue the same run), not on its own.
+LAYOUT_PREFIXES = ("parallel.",)
+ELASTIC_KEYS = frozenset({"train.micro_batches"})
 
 
 def _barrier() -> None:
@@ -84,8 +92,9 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
 
 
 def save_checkpoint(cfg: Config, engine, step: int, rank: int, world_size: int, rank_state: dict,
-                    trainer_state: dict[str, Any]) -> str:
-    """Collective. `step` = number of optimizer steps done. Returns the final directory."""
+                    trainer_state: dict[str, Any], write_extra: Callable[[str], None] | None = None) -> str:
+    """Collective. `step` = number of optimizer steps done. Returns the final directory. `write_extra(dir)`, when
+    given, writes this rank's further files into the checkpoint directory (e.g. the AdaLRS trial snapshot)."""
     root = checkpoint_root(cfg)
     final = os.path.join(root, f"step_{step:08d}")
     tmp = final + ".tmp"
@@ -95,6 +104,8 @@ def save_checkpoint(cfg: Config, engine, step: int, rank: int, world_size: int, 
         os.makedirs(tmp)
     _barrier()
     engine.save(os.path.join(tmp, "engine"))
+    if write_extra is not None:
+        write_extra(tmp)
     torch.save({**rank_state, "rng": rng_state()}, os.path.join(tmp, f"rank_{rank:05d}.pt"))
     _barrier()
     if rank == 0:
@@ -112,21 +123,22 @@ def save_checkpoint(cfg: Config, engine, step: int, rank: int, world_size: int, 
     return final
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_differences(saved: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, new value) for every dotted key outside RUN_CONTROL_KEYS whose value changed."""
-    old, new = _flatten(saved), _flatten(config_to_dict(cfg))
+def config_differences(saved: dict, cfg: Config, elastic: bool = False) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for every dotted key outside RUN_CONTROL_KEYS and the layout keys
+    (`parallel.*`) whose value changed; `elastic` (the DP size changed) also lets ELASTIC_KEYS change."""
+    old, new = flatten_dict(saved), flatten_dict(config_to_dict(cfg))
+    free = RUN_CONTROL_KEYS | (ELASTIC_KEYS if elastic else frozenset())
     return [(k, old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))
-            if k not in RUN_CONTROL_KEYS and old.get(k, "<absent>") != new.get(k, "<absent>")]
+            if k not in free and not k.startswith(LAYOUT_PREFIXES) and old.get(k, "<absent>") != new.get(k, "<absent>")]
+
+
+def saved_dp_size(meta: dict) -> int:
+    """The data-parallel size a checkpoint was written at (trainer.json `dp_size`; older checkpoints: world size /
+    pipeline stages of the config they were written under)."""
+    if "dp_size" in meta:
+        return int(meta["dp_size"])
+    pp = int(meta.get("config", {}).get("parallel", {}).get("pp", 1) or 1)
+    return int(meta.get("world_size", 1)) // pp
 
 
 def read_meta(path: str) -> dict:
@@ -139,10 +151,12 @@ def read_meta(path: str) -> dict:
                               "train.resume to an earlier step_* directory, or train.resume=none)") from None
 
 
-def check_resume_config(path: str, cfg: Config) -> dict:
-    """trainer.json of `path`, after checking it was written under this config (run-control keys aside)."""
+def check_resume_config(path: str, cfg: Config, dp_size: int | None = None) -> dict:
+    """trainer.json of `path`, after checking it was written under this config (run-control and layout keys aside;
+    with this run's `dp_size` given and different from the checkpoint's, train.micro_batches too)."""
     meta = read_meta(path)
-    diffs = config_differences(meta.get("config", {}), cfg)
+    elastic = dp_size is not None and dp_size != saved_dp_size(meta)
+    diffs = config_differences(meta.get("config", {}), cfg, elastic=elastic)
     if diffs:
         out = cfg.train.out_dir
         shown = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in diffs[:20])
@@ -173,24 +187,72 @@ def resolve_resume(cfg: Config) -> str | None:
 
 
 def load_checkpoint(path: str, engine, rank: int, world_size: int, backend: str) -> tuple[dict, dict]:
-    """Collective. Restores the engine and this rank's RNG; returns (trainer.json content, rank state)."""
+    """Collective. Restores the engine and this rank's RNG; returns (trainer.json content, rank state).
+
+    Elastic resume (another world size): the engine reshards its own state (`engine.load`); the rank state is
+    rank 0's (the loader state and the trainer's are global), its `loader.decode_bad` counters (the only per-rank
+    part) are kept per old rank where that rank still exists and added to new rank 0 for the ranks that do not;
+    rank r keeps old rank r's RNG state, a new rank its fresh seed (train.seed + rank)."""
     fix = f"remove {path} (or set train.resume to an earlier step_* directory, or train.resume=none)"
     meta = read_meta(path)
-    if meta.get("world_size") != world_size or meta.get("backend") != backend:
-        raise CheckpointError(f"checkpoint {path} was written by backend={meta.get('backend')} with "
-                              f"world_size={meta.get('world_size')}; this run is backend={backend} with "
-                              f"world_size={world_size}. Resume with the same layout, or export it to HF and start "
-                              "from it with train.init_from.")
-    rank_file = os.path.join(path, f"rank_{rank:05d}.pt")
-    try:
-        rank_state = torch.load(rank_file, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
-        raise CheckpointError(f"checkpoint {path} is corrupt: cannot read {rank_file} ({type(e).__name__}: {e}); "
-                              f"{fix}") from None
+    if meta.get("backend") != backend:
+        raise CheckpointError(f"checkpoint {path} was written by backend={meta.get('backend')}; this run is "
+                              f"backend={backend}, which cannot read its engine state. Resume with "
+                              f"backend.name={meta.get('backend')}, or export it to HF and start from it with "
+                              "train.init_from.")
+    old_world = int(meta.get("world_size", world_size))
+
+    def read_rank(r: int) -> dict:
+        rank_file = os.path.join(path, f"rank_{r:05d}.pt")
+        try:
+            return torch.load(rank_file, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
+            raise CheckpointError(f"checkpoint {path} is corrupt: cannot read {rank_file} ({type(e).__name__}: "
+                                  f"{e}); {fix}") from None
+
+    if old_world == world_size:
+        rank_state = read_rank(rank)
+    else:
+        rank_state = _elastic_rank_state(path, read_rank, rank, old_world, world_size)
     try:
         engine.load(os.path.join(path, "engine"))
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {path} is corrupt: the {backend} engine state under "
                               f"{os.path.join(path, 'engine')} failed to load ({type(e).__name__}: {e}); {fix}") from e
-    set_rng_state(rank_state.pop("rng"))
+    rng = rank_state.pop("rng")
+    if rng is not None:
+        set_rng_state(rng)
     return meta, rank_state
+
+
+def _elastic_rank_state(path: str, read_rank: Callable[[int], dict], rank: int, old_world: int,
+                        world_size: int) -> dict:
+    """This rank's state when resuming a checkpoint of `old_world` ranks on `world_size` ranks (load_checkpoint)."""
+    state = read_rank(0)
+    adalrs = state.get("adalrs")
+    if adalrs and adalrs.get("trial"):
+        raise CheckpointError(
+            f"cannot resume {path} on {world_size} ranks: it was written on {old_world} ranks during an AdaLRS trial, "
+            "whose rollback snapshots are per-rank engine state of that layout (adalrs/snapshot_rank_*.pt) and do not "
+            f"reshard. Resume it on {old_world} ranks, or from an earlier checkpoint written outside a trial "
+            "(train.resume=<its step_* directory>).")
+    own = read_rank(rank) if rank < old_world else None
+    state["rng"] = own["rng"] if own is not None else None
+    loader = state.get("loader")
+    if isinstance(loader, dict):
+        from sail_dist.data.records import BadSampleLog
+
+        bad = BadSampleLog()
+        if own is not None:
+            bad.load_state_dict(own["loader"].get("decode_bad", {}))
+        if rank == 0:  # the decode-time counts of old ranks that no longer exist
+            for r in range(world_size, old_world):
+                gone = BadSampleLog()
+                gone.load_state_dict(read_rank(r)["loader"].get("decode_bad", {}))
+                bad.merge(gone)  # distinct records stay distinct, occurrences add up
+        loader["decode_bad"] = bad.state_dict()
+    log.info("elastic resume of %s: written on %d ranks, resumed on %d (rank %d: global state of rank 0, %s)",
+             path, old_world, world_size, rank, "its own RNG" if own is not None else "a fresh RNG seed")
+    return state

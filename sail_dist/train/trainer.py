@@ -19,7 +19,10 @@ import torch
 from sail_dist.backends.base import get_backend
 from sail_dist.config import Config, dump_config
 from sail_dist.data.loader import build_loader
-from sail_dist.train.checkpoint import check_resume_config, load_checkpoint, resolve_resume, save_checkpoint
+from sail_dist.train.batch_plan import resolve_batch
+from sail_dist.train.checkpoint import (check_resume_config, load_checkpoint, resolve_resume, save_checkpoint,
+                                       saved_dp_size)
+from sail_dist.train.adalrs import AdaLRS
 from sail_dist.train.lr import lr_at
 from sail_dist.train.metrics import Metrics
 
@@ -58,10 +61,12 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, backend, env) -> dict:
+    cfg, _ = resolve_batch(cfg, env.dp_size)  # batches / epochs given in samples -> packed steps
     t = cfg.train
     start, nonfinite_run, skipped_total = 0, 0, 0
     resume = resolve_resume(cfg)
-    meta = check_resume_config(resume, cfg) if resume else None  # before anything is built or written
+    # before anything is built or written; another DP size is an elastic resume (docs/checkpoints.md)
+    meta = check_resume_config(resume, cfg, env.dp_size) if resume else None
     if meta is not None and meta["step"] >= t.steps:
         return _already_complete(cfg, env, resume, meta["step"])
     loader = build_loader(cfg, dp_rank=env.dp_rank, dp_size=env.dp_size)
@@ -71,12 +76,24 @@ def _train(cfg: Config, backend, env) -> dict:
         loader.load_state_dict(rank_state["loader"])
         start, skipped_total = meta["step"], meta.get("skipped_steps", 0)
         log.info("resumed from %s at step %d", resume, start)
+        old_dp, old_m = saved_dp_size(meta), meta.get("config", {}).get("train", {}).get("micro_batches")
+        if (old_dp, old_m) != (env.dp_size, t.micro_batches):
+            log.info("elastic resume: DP %d x %s micro-batches per step -> DP %d x %d%s", old_dp, old_m, env.dp_size,
+                     t.micro_batches, "" if old_m is None or old_dp * old_m == env.dp_size * t.micro_batches else
+                     " (the global batch in packs changed: keep dp x train.micro_batches to continue the same run)")
     if env.is_main:  # the run is accepted: its config now describes the out_dir
         os.makedirs(t.out_dir, exist_ok=True)
         path = os.path.join(t.out_dir, "config.yaml")
         dump_config(cfg, path + ".tmp")
         os.replace(path + ".tmp", path)
     metrics = Metrics(t.out_dir, env, t.steps, start, tensorboard=t.tensorboard)
+    adalrs = None  # online lr search (train.adalrs): lr = scale * lr_at(step); may roll the engine back
+    if t.adalrs.enabled:
+        adalrs = AdaLRS(t.adalrs, t, lambda s: lr_at(t, s), env.rank, t.out_dir, metrics, env.is_main)
+        if resume:
+            adalrs.load_state_dict(rank_state.get("adalrs"), resume)
+        else:
+            adalrs.start_fresh()
     log.info("training %d steps (%d micro-batches x %d DP ranks per step) on %s; logs: %s", t.steps,
              t.micro_batches, env.dp_size, env.device_name, t.out_dir)
     last_ckpt, losses, step = resume, [], start
@@ -85,10 +102,11 @@ def _train(cfg: Config, backend, env) -> dict:
         data = next(loader)
         data_stats = data.stats.as_dict()
         if data_stats["dropped"] and env.is_main:  # planning drops are global: report them once
-            log.warning("step %d: skipped bad samples %s (data.on_bad_sample=skip)", step + 1, data_stats["dropped"])
+            log.warning("step %d: skipped bad samples %s (data.on_bad_sample=skip); so far %s", step + 1,
+                        data_stats["dropped"], loader.bad_samples().brief())
         if data_stats["decode_dropped"]:  # decode drops are this rank's own
             log.warning("step %d, rank %d: skipped samples at decode %s", step + 1, env.rank, data_stats["decode_dropped"])
-        stats = engine.train_step(data.micro_batches, lr_at(t, step))
+        stats = engine.train_step(data.micro_batches, adalrs.lr(step) if adalrs else lr_at(t, step))
         if stats.skipped:
             nonfinite_run += 1
             skipped_total += 1
@@ -103,15 +121,21 @@ def _train(cfg: Config, backend, env) -> dict:
             nonfinite_run = 0
             losses.append(stats.loss)
         metrics.log_step(step, stats, {**data_stats, "skipped_total": skipped_total}, every=t.log_every)
+        if adalrs:  # a trial's batches stay consumed: a rollback restores the weights, not the data position
+            adalrs.after_step(step, stats.loss, engine)
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps:
-            last_ckpt = _save(cfg, engine, loader, env, step + 1, skipped_total)
+            last_ckpt = _save(cfg, engine, loader, env, step + 1, skipped_total, adalrs)
     if t.steps > start or not last_ckpt:
-        last_ckpt = _save(cfg, engine, loader, env, t.steps, skipped_total)
+        last_ckpt = _save(cfg, engine, loader, env, t.steps, skipped_total, adalrs)
+    bad = loader.bad_samples()  # distinct records (file:line) and occurrences (a bad record recurs every pass)
     summary = {"steps": t.steps, "complete": True, "final_loss": losses[-1] if losses else None,
                "first_loss": losses[0] if losses else None, "checkpoint": last_ckpt,
                "tensorboard": os.path.join(t.out_dir, "tensorboard"), "metrics": os.path.join(t.out_dir, "metrics.jsonl"),
                "train_time_s": time.perf_counter() - t0, "skipped_steps": skipped_total,
-               "bad_samples": loader.bad_samples().summary(), "is_main": env.is_main}
+               "bad_samples": bad.summary(), "bad_records": bad.distinct(), "bad_occurrences": bad.total,
+               "is_main": env.is_main}
+    if adalrs:
+        summary["adalrs"] = adalrs.summary()
     want_eval = cfg.data.demo and t.eval_samples > 0
     if t.export_hf or want_eval:
         model = _gather_model(cfg, engine, env)  # collective; the full model on rank 0, None elsewhere
@@ -166,8 +190,12 @@ def _gather_model(cfg: Config, engine, env):
     return model.float().eval()
 
 
-def _save(cfg: Config, engine, loader, env, step: int, skipped_total: int) -> str:
-    path = save_checkpoint(cfg, engine, step, env.rank, env.world_size, {"loader": loader.state_dict()},
-                           {"skipped_steps": skipped_total})
+def _save(cfg: Config, engine, loader, env, step: int, skipped_total: int, adalrs: AdaLRS | None = None) -> str:
+    rank_state = {"loader": loader.state_dict()}
+    if adalrs is not None:  # its state, and the snapshot of a trial in progress
+        rank_state["adalrs"] = adalrs.state_dict()
+    path = save_checkpoint(cfg, engine, step, env.rank, env.world_size, rank_state,
+                           {"skipped_steps": skipped_total, "dp_size": env.dp_size},
+                           write_extra=adalrs.write_snapshot if adalrs is not None else None)
     log.info("checkpoint written: %s", path)
     return path

@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from dist.fusion_extras import add_fusion_extras
 from dist.toy_objective import add_toy_extras  # also registers train.objective=toy
 from sail_dist.config import Config, load_config
 from sail_dist.data.synthetic import synthetic_batch
@@ -35,6 +36,8 @@ def step_batches(cfg: Config, step: int, dp_rank: int, dp_size: int) -> list:
         seqlens = [20 + 7 * (k % 5), 9 + (k % 3), 31]
         images = [[(g, g)] if k % 2 == 0 else [], [], [(g, g), (g, g + 2)] if k % 3 == 0 else []]
         out.append(add_toy_extras(synthetic_batch(cfg.model, seqlens, images, seed=1000 + k), seed=2000 + k))
+        if cfg.train.objective == "think_fusion":  # its marks only then: other objectives' batches are unchanged
+            add_fusion_extras(out[-1], seed=3000 + k)
     return out
 
 

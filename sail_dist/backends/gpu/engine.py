@@ -12,9 +12,14 @@ does: hence the per-layer scale coeff / (n_moe_layers * M).
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import glob
 import logging
 import math
 import os
+import shutil
+import sys
 import time
 
 import torch
@@ -49,6 +54,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _zero_partitions(tag_dir: str) -> int:
+    """How many data-parallel ZeRO partitions a DeepSpeed checkpoint holds (its optimizer-state files)."""
+    return len(glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+
+
 class DeepSpeedEngine(LayerGradRecorder):
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         import deepspeed
@@ -59,7 +69,7 @@ class DeepSpeedEngine(LayerGradRecorder):
         self.model, self.trainable = build_train_model(
             cfg, self.ops, aux_loss_weight=cfg.model.llm.aux_loss_coeff / t.micro_batches,
             reduce_counts=all_reduce_sum() if env.dp_size > 1 else None)
-        self.objective = build_objective(t.objective)
+        self.objective = build_objective(t.objective, cfg)
         self.dtype = model_dtype(cfg, env.device)
         self.model.to(env.device)
         self.ds_config = self._ds_config()
@@ -150,6 +160,19 @@ class DeepSpeedEngine(LayerGradRecorder):
                               metrics={n: float(sums[2 + j]) for j, n in enumerate(obj.metrics)},
                               time_s=time.perf_counter() - t0)
 
+    @torch.no_grad()
+    def token_logprobs(self, micro_batches: list[PackedBatch]) -> list[torch.Tensor | None]:
+        """Forward only: per micro-batch the [T] fp32 log p(labels[t]) under the current weights (0 where the label
+        is -100), on the CPU (the RL loop's old / reference log-probs). Collective for MoE models with DP > 1 (the
+        router's load counts are all-reduced): every rank passes the same number of micro-batches."""
+        self.ds.eval()
+        out = []
+        for mb in micro_batches:
+            loss_T = self.model(mb.to(self.env.device)).loss_T
+            out.append((-loss_T).float().cpu())
+        self.ds.train()
+        return out
+
     def _layer_grads(self) -> dict[str, torch.Tensor]:
         """Collective. Rank 0: per parameter name, its full DP-reduced gradient (before clipping), on the CPU in
         DeepSpeed's accumulation dtype (fp32: `safe_get_full_grad` all-reduces the ZeRO-2 partitions); {} on the
@@ -167,19 +190,113 @@ class DeepSpeedEngine(LayerGradRecorder):
         return out
 
     # ----------------------------------------------------------------------------------------------
+    def _snapshot_state(self) -> dict:
+        """This rank's training state, live: the optimizer's own parameters (under ZeRO-1/2 the fp32 master
+        PARTITION of this rank, on the device or, with offload, on the host) with their Adam moments and step, the
+        module's parameters and buffers (ZeRO-2 keeps a full local copy on every rank: no gather), DeepSpeed's
+        step counters."""
+        from sail_dist.backends import snapshot as snap
+
+        zero = self.ds.optimizer
+        inner = getattr(zero, "optimizer", zero)  # ZeRO / BF16 wrapper -> the torch (or DeepSpeedCPUAdam) optimizer
+        state = snap.optimizer_state("optimizer", inner)
+        for name, t in self.model.named_parameters():
+            state[f"module.param.{name}"] = t.data
+        for name, t in self.model.named_buffers():
+            state[f"module.buffer.{name}"] = t
+        for key in ("global_steps", "global_samples", "skipped_steps"):
+            state[f"engine.{key}"] = getattr(self.ds, key)
+        return state
+
+    def snapshot(self, path: str | None = None, memory_limit_bytes: float = math.inf):
+        """This rank's state for an AdaLRS rollback (sail_dist/backends/snapshot.py): host copies, or streamed to
+        `path` when larger than `memory_limit_bytes`. Local: no collective, no gather."""
+        from sail_dist.backends import snapshot as snap
+
+        return snap.take(self._snapshot_state(), path, memory_limit_bytes)
+
+    def restore(self, snapshot) -> None:
+        """Put `snapshot` back in place: parameters, fp32 master partition, Adam moments and step, counters."""
+        from sail_dist.backends import snapshot as snap
+
+        zero = self.ds.optimizer
+        inner = getattr(zero, "optimizer", zero)
+        plain = snap.put_back(self._snapshot_state(), snapshot)
+        snap.set_optimizer_plain("optimizer", inner, plain)
+        for key in ("global_steps", "global_samples", "skipped_steps"):
+            setattr(self.ds, key, plain[f"engine.{key}"])
+
     def save(self, path: str) -> None:
         """Collective: every rank writes its ZeRO partition under `path`."""
         self.ds.save_checkpoint(path, tag="deepspeed", save_latest=False)
 
     def load(self, path: str) -> None:
+        """Collective. Written at this DP size: DeepSpeed's native load of the ZeRO partitions. At another DP size
+        (elastic resume): the checkpoint is converted once to DeepSpeed's universal format (ds_to_universal, per
+        parameter fp32 master and Adam moments, `path/universal/`, written atomically by rank 0 and reused by later
+        resumes) and loaded with DeepSpeed's `load_universal`, which repartitions it over this run's ranks."""
         tag_dir = os.path.join(path, "deepspeed")
         if not os.path.isdir(tag_dir):
             raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (missing {tag_dir}); was it written by the "
                                     "gpu backend?")
-        load_path, _ = self.ds.load_checkpoint(path, tag="deepspeed", load_optimizer_states=True,
-                                               load_lr_scheduler_states=False)
+        saved_dp = _zero_partitions(tag_dir)
+        if saved_dp in (0, self.env.dp_size):
+            load_path, _ = self.ds.load_checkpoint(path, tag="deepspeed", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        else:
+            load_path = self._load_universal(path, tag_dir, saved_dp)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
+
+    def _load_universal(self, path: str, tag_dir: str, saved_dp: int) -> str | None:
+        """Elastic resume of a checkpoint of `saved_dp` ZeRO partitions (see `load`)."""
+        from sail_dist.train.checkpoint import CheckpointError
+
+        universal = os.path.join(path, "universal")
+        if self.cfg.backend.zero_stage not in (1, 2):
+            raise CheckpointError(f"{tag_dir} holds {saved_dp} ZeRO partitions and this run has DP "
+                                  f"{self.env.dp_size} with backend.zero_stage={self.cfg.backend.zero_stage}: "
+                                  "resharding ZeRO partitions is implemented for stages 1 and 2. Resume on "
+                                  f"{saved_dp} ranks with the checkpoint's backend.zero_stage.")
+        failed = ""
+        if self.env.rank == 0 and not os.path.isdir(universal):
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            tmp = universal + ".tmp"
+            log.info("elastic resume: converting %s (DP %d) to DeepSpeed's universal checkpoint in %s", tag_dir,
+                     saved_dp, universal)
+            t0 = time.perf_counter()
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted conversion
+                with contextlib.redirect_stdout(sys.stderr):  # its progress prints; stdout ends with our summary
+                    ds_to_universal(argparse.Namespace(
+                        input_folder=tag_dir, output_folder=os.path.join(tmp, "deepspeed"), num_extract_workers=1,
+                        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+                os.replace(tmp, universal)
+                log.info("universal checkpoint written in %.1f s", time.perf_counter() - t0)
+            except OSError as e:
+                failed = f"{type(e).__name__}: {e}"
+        if dist.is_initialized():  # every rank learns whether rank 0's conversion worked
+            flag = [failed]
+            dist.broadcast_object_list(flag, src=0)
+            failed = flag[0]
+        if failed:
+            raise CheckpointError(f"cannot resume {tag_dir} (DP {saved_dp}) on DP {self.env.dp_size}: converting it "
+                                  f"to DeepSpeed's universal checkpoint in {universal} failed ({failed}). Make {path} "
+                                  "writable (or copy the step_* directory somewhere writable and resume from the "
+                                  f"copy), or resume on {saved_dp} ranks.")
+        # Universal loading restores what the optimizer holds (fp32 master -> the module's trainable parameters);
+        # frozen parameters and buffers come from the module state DeepSpeed saved alongside.
+        module = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
+                            weights_only=False)["module"]
+        self.model.load_state_dict(module, strict=True)
+        self.ds._config.load_universal_checkpoint = True  # DeepSpeed reads its config key at load time only
+        try:
+            load_path, _ = self.ds.load_checkpoint(universal, tag="deepspeed", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        finally:
+            self.ds._config.load_universal_checkpoint = False
+        return load_path
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """ZeRO-2 keeps full parameters on every rank: the module's own state dict is complete."""

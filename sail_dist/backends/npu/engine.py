@@ -83,7 +83,7 @@ class MegatronEngine(LayerGradRecorder):
         model, self.trainable = build_train_model(
             cfg, self.ops, aux_loss_weight=llm.aux_loss_coeff,
             reduce_counts=all_reduce_sum(ps.get_data_parallel_group()) if dims.dp > 1 else None)
-        self.objective = build_objective(t.objective)
+        self.objective = build_objective(t.objective, cfg)
         # Global MoE layer numbering (for expert-count stats) before the model is pruned to this stage.
         self.moe_layer_ids = [i for i in range(llm.num_layers) if llm.is_moe_layer(i)]
         if dims.ep > 1:
@@ -282,6 +282,40 @@ class MegatronEngine(LayerGradRecorder):
                               metrics={n: float(stats[2 + j]) for j, n in enumerate(obj.metrics)},
                               time_s=time.perf_counter() - t0)
 
+    @torch.no_grad()
+    def token_logprobs(self, micro_batches: list[PackedBatch]) -> list[torch.Tensor | None]:
+        """Forward only, through the pipeline (Megatron's schedule with forward_only=True): per micro-batch the [T]
+        fp32 log p(labels[t]) (0 where the label is -100) on the CPU, on the last pipeline stage; None on the other
+        stages. Collective: every rank of the job calls it with its DP rank's micro-batches (same count on all)."""
+        dev = self.env.device
+        for c in self.chunks:
+            c.eval()
+        batches = [mb.to(dev) for mb in micro_batches]
+        T_max = max(mb.num_tokens for mb in micro_batches)
+        for st in self.stages:
+            st.pad_to = T_max if self.pad_pipeline else None
+        got: list[torch.Tensor] = []
+        zero = torch.zeros((), dtype=torch.int, device=dev)
+
+        def loss_func(loss_T: torch.Tensor):
+            got.append((-loss_T.detach()).float().cpu())
+            return loss_T.sum() * 0.0, zero, {}
+
+        def forward_step(data_iterator, model):
+            return model(next(data_iterator)), loss_func
+
+        iterator = [iter(batches) for _ in self.chunks] if len(self.chunks) > 1 else iter(batches)
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iterator, model=self.chunks,
+            num_microbatches=len(batches), seq_length=T_max, micro_batch_size=1, forward_only=True)
+        for c in self.chunks:
+            c.train()
+        if not self.env.is_last_stage:
+            return [None] * len(micro_batches)
+        if len(got) != len(micro_batches):
+            raise RuntimeError(f"token_logprobs: {len(got)} outputs for {len(micro_batches)} micro-batches")
+        return got
+
     def _clip_and_step(self, grad_norm: float) -> None:
         """Megatron ChainedOptimizer.step() minus its norm computation (done above, shared with the skip check)."""
         clip = self.cfg.train.grad_clip
@@ -382,6 +416,42 @@ class MegatronEngine(LayerGradRecorder):
             return LocalNonpersistentObject(node)
 
         return {"model": model_sd, "optimizer": localise(optim_sd), "optimizer_step": self._optimizer_steps}
+
+    def _snapshot_state(self) -> dict:
+        """This rank's training state, live: each distributed optimizer's shard of the fp32 main parameters with
+        its Adam moments (the inner torch optimizer's parameters and state), this rank's stage modules'
+        parameters and buffers (its pipeline stage, its experts; DDP replicas are local), the step count."""
+        from sail_dist.backends import snapshot as snap
+
+        state: dict = {}
+        for i, opt in enumerate(self.optimizer.chained_optimizers):
+            if getattr(opt, "is_stub_optimizer", False):
+                continue
+            state.update(snap.optimizer_state(f"optimizer{i}", opt.optimizer))
+        for si, st in enumerate(self.stages):
+            for name, t in st.named_parameters():
+                state[f"stage{si}.param.{name}"] = t.data
+            for name, t in st.named_buffers():
+                state[f"stage{si}.buffer.{name}"] = t
+        state["engine.optimizer_steps"] = self._optimizer_steps
+        return state
+
+    def snapshot(self, path: str | None = None, memory_limit_bytes: float = math.inf):
+        """This rank's state for an AdaLRS rollback (sail_dist/backends/snapshot.py): host copies, or streamed to
+        `path` when larger than `memory_limit_bytes`. Local: no collective, no gather."""
+        from sail_dist.backends import snapshot as snap
+
+        return snap.take(self._snapshot_state(), path, memory_limit_bytes)
+
+    def restore(self, snapshot) -> None:
+        """Put `snapshot` back in place: main-parameter shards, Adam moments and steps, stage parameters."""
+        from sail_dist.backends import snapshot as snap
+
+        plain = snap.put_back(self._snapshot_state(), snapshot)
+        for i, opt in enumerate(self.optimizer.chained_optimizers):
+            if not getattr(opt, "is_stub_optimizer", False):
+                snap.set_optimizer_plain(f"optimizer{i}", opt.optimizer, plain)
+        self._optimizer_steps = plain["engine.optimizer_steps"]
 
     def save(self, path: str) -> None:
         """Collective: Megatron dist_checkpointing (torch_dist) of the model and the distributed optimizer."""

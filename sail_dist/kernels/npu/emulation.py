@@ -63,6 +63,7 @@ __all__ = [
     "NpuNoAutogradWarning",
     "npu_fusion_attention",
     "npu_grouped_matmul",
+    "npu_incre_flash_attention",
     "npu_moe_token_permute",
     "npu_moe_token_unpermute",
     "npu_rms_norm",
@@ -679,3 +680,101 @@ def _fusion_attention_tnd(query, key, value, head_num, pse, explicit_mask, scale
     softmax_max = torch.cat(maxes).detach().float().unsqueeze(-1).expand(-1, -1, 8).contiguous()
     softmax_sum = torch.cat(sums).detach().float().unsqueeze(-1).expand(-1, -1, 8).contiguous()
     return out, softmax_max, softmax_sum, query.new_empty(0), 0, 0, 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# incremental (decode) flash attention over a KV cache (inference only: no autograd on NPU)
+# ---------------------------------------------------------------------------------------------------
+
+_MAX_IFA_GQA_RATIO = 64  # num_heads / num_key_value_heads
+
+
+@_no_autograd
+def npu_incre_flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                              padding_mask: Optional[torch.Tensor] = None, pse_shift: Optional[torch.Tensor] = None,
+                              atten_mask: Optional[torch.Tensor] = None,
+                              actual_seq_lengths: Optional[Sequence[int]] = None, dequant_scale1=None,
+                              quant_scale1=None, dequant_scale2=None, quant_scale2=None, quant_offset2=None,
+                              antiquant_scale=None, antiquant_offset=None, block_table=None, kv_padding_size=None,
+                              num_heads: int = 1, scale_value: float = 1.0, input_layout: str = "BSH",
+                              num_key_value_heads: int = 0, block_size: int = 0, inner_precise: int = 1
+                              ) -> torch.Tensor:
+    """Incremental FlashAttention (one query step per batch entry over a KV cache):
+    `softmax(scale_value * q k^T + atten_mask) @ v`, output shaped like `query`.
+
+    Layouts: BSH (`[B, S, N*D]`), BSND, BNSD; query S is 1 (the decode step), key/value `[B, S_max, ...]` the
+    cache (same shape). `actual_seq_lengths`: host int list `[B]` (or `[1]`, broadcast) of the valid KV rows
+    per batch entry, right padding: entry b reads rows `[0, actual_seq_lengths[b])`; None = all S_max rows.
+    num_heads = query heads; num_key_value_heads 0 = num_heads, else GQA with query head h reading kv head
+    h // (num_heads / num_key_value_heads), the ratio at most 64. atten_mask: bool/int8/uint8 `[B, 1, S_max]`
+    style (broadcast to `[B, N, 1, S_max]`), 1 = masked. NOTE: scale_value defaults to 1.0.
+    Not emulated (raise): page attention (block_table), quantisation, pse_shift, KV left padding
+    (kv_padding_size). Math in fp32 (fp64 for fp64, an emulation extension; the NPU takes fp16/bf16).
+    """
+    for name, v in (("block_table", block_table), ("pse_shift", pse_shift), ("kv_padding_size", kv_padding_size),
+                    ("dequant_scale1", dequant_scale1), ("quant_scale1", quant_scale1),
+                    ("dequant_scale2", dequant_scale2), ("quant_scale2", quant_scale2),
+                    ("quant_offset2", quant_offset2), ("antiquant_scale", antiquant_scale),
+                    ("antiquant_offset", antiquant_offset)):
+        if v is not None:
+            raise NotImplementedError(f"npu_incre_flash_attention: {name} is not emulated")
+    if padding_mask is not None:
+        raise ValueError("npu_incre_flash_attention: padding_mask is reserved (unused) on torch_npu; pass None")
+    if not isinstance(scale_value, (int, float)):
+        raise TypeError(f"scale_value must be a Python float, got {type(scale_value).__name__}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if key.shape != value.shape:
+        raise ValueError(f"key and value must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}")
+    expected_dim = {"BSH": 3, "BSND": 4, "BNSD": 4}.get(input_layout)
+    if expected_dim is None:
+        raise ValueError(f"input_layout must be BSH, BSND or BNSD, got {input_layout!r}")
+    if not query.dim() == key.dim() == expected_dim:
+        raise ValueError(f"layout {input_layout} takes {expected_dim}-D query/key/value")
+    kv_heads = num_key_value_heads or num_heads
+    if num_heads % kv_heads or num_heads // kv_heads > _MAX_IFA_GQA_RATIO:
+        raise ValueError(f"num_heads={num_heads} must be a multiple of num_key_value_heads={kv_heads} with a ratio "
+                         f"of at most {_MAX_IFA_GQA_RATIO}")
+    if input_layout == "BSH":
+        head_dim = query.shape[-1] // num_heads
+        q_BNSD = query.unflatten(-1, (num_heads, head_dim)).transpose(1, 2)
+        k_BNSD = key.unflatten(-1, (kv_heads, head_dim)).transpose(1, 2)
+        v_BNSD = value.unflatten(-1, (kv_heads, head_dim)).transpose(1, 2)
+    elif input_layout == "BSND":
+        q_BNSD, k_BNSD, v_BNSD = (t.transpose(1, 2) for t in (query, key, value))
+    else:
+        q_BNSD, k_BNSD, v_BNSD = query, key, value
+    if q_BNSD.shape[1] != num_heads or k_BNSD.shape[1] != kv_heads:
+        raise ValueError(f"query has {q_BNSD.shape[1]} heads (num_heads={num_heads}), key has {k_BNSD.shape[1]} "
+                         f"(num_key_value_heads={num_key_value_heads})")
+    batch, s_max = q_BNSD.shape[0], k_BNSD.shape[2]
+    if q_BNSD.shape[2] != 1:
+        raise NotImplementedError(f"npu_incre_flash_attention is the decode step: query S must be 1, "
+                                  f"got {q_BNSD.shape[2]}")
+    if actual_seq_lengths is None:
+        lengths = [s_max] * batch
+    else:
+        if isinstance(actual_seq_lengths, torch.Tensor):
+            raise TypeError("actual_seq_lengths must be a host list of ints (torch_npu's SymInt[]), got a tensor; "
+                            "convert with .tolist()")
+        lengths = [int(v) for v in actual_seq_lengths]
+        if len(lengths) == 1:
+            lengths = lengths * batch
+        if len(lengths) != batch:
+            raise ValueError(f"actual_seq_lengths has {len(lengths)} entries for batch {batch} (want B or 1)")
+        if any(not 0 <= n <= s_max for n in lengths):
+            raise ValueError(f"actual_seq_lengths {lengths} outside [0, S_max={s_max}]")
+    col = torch.arange(s_max, device=query.device)
+    masked_B11S = (col[None, :] >= torch.tensor(lengths, device=query.device)[:, None])[:, None, None, :]
+    if atten_mask is not None:
+        if atten_mask.dtype not in (torch.bool, torch.int8, torch.uint8):
+            raise TypeError(f"atten_mask must be bool/int8/uint8 (1 = masked), got {atten_mask.dtype}")
+        masked_B11S = masked_B11S | atten_mask.bool().reshape(batch, -1, 1, s_max)
+    out, _, _ = _attention_core(q_BNSD, k_BNSD, v_BNSD, masked_B11S.expand(batch, num_heads, 1, s_max),
+                                float(scale_value), None)
+    out = out.to(query.dtype)
+    if input_layout == "BNSD":
+        return out
+    if input_layout == "BSND":
+        return out.transpose(1, 2)
+    return out.transpose(1, 2).flatten(-2)

@@ -18,6 +18,11 @@ The ops (semantics: torch_npu's op documentation, Ascend/op-plugin), and the con
                 because torch_npu's gmm has no autograd) -> npu_swiglu -> npu_grouped_matmul ->
                 npu_moe_token_unpermute weighted by topk_weight: the permute/unpermute family the Ascend
                 training stacks use (MindSpeed / MindSpeed-MM), not the inference-only init/finalize ops.
+  decode_attention  npu_incre_flash_attention (the decode-step FlashAttention over a KV cache), layout BSND: q
+                `[B, Hq, D]` -> `[B, 1, Hq, D]`, the cache `[B, S_max, Hkv, D]` as is; `actual_seq_lengths` = the
+                valid cache rows per sequence as a host list (`lengths.tolist()`: one device->host sync per
+                layer and step, as torch_npu's int[] wants); scale_value 1/sqrt(D) passed (default 1.0); GQA
+                by num_key_value_heads. Inference only (no autograd on NPU).
   cross_entropy the lm head inside the op (kernels/linear_cross_entropy.py, shared with the GPU OpSet): tiles
                 of at most 512 MiB of fp32 logits, never [T, V], -100 rows skipped; plain torch ops, so the
                 real path and the emulation run the same code.
@@ -120,6 +125,17 @@ class _NpuOps:
             sparse_mode=sparse_mode,
         )[0]
 
+    def decode_attention(self, q_BHD: torch.Tensor, k_cache_BSHD: torch.Tensor, v_cache_BSHD: torch.Tensor,
+                         lengths_B: torch.Tensor) -> torch.Tensor:
+        num_q_heads, head_dim = q_BHD.shape[1], q_BHD.shape[2]
+        out = self.npu.npu_incre_flash_attention(
+            q_BHD.unsqueeze(1), k_cache_BSHD, v_cache_BSHD,
+            actual_seq_lengths=lengths_B.tolist(),  # host ints: valid cache rows per sequence (right padding)
+            num_heads=num_q_heads, num_key_value_heads=k_cache_BSHD.shape[2],
+            scale_value=1.0 / math.sqrt(head_dim),  # torch_npu defaults to 1.0
+            input_layout="BSND")
+        return out.squeeze(1)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self.npu.npu_rms_norm(x, weight, epsilon=eps)[0]  # [1] is rstd
 
@@ -163,7 +179,7 @@ def _build(name: str, npu: ModuleType, group_list_type: int, ce_vocab_chunk: int
            ce_token_chunk: int | None) -> OpSet:
     ops = _NpuOps(npu, group_list_type, ce_vocab_chunk, ce_token_chunk)
     return OpSet(name, attention=ops.attention, rms_norm=ops.rms_norm, rope=ops.rope, swiglu=ops.swiglu,
-                 moe_experts=ops.moe_experts, cross_entropy=ops.cross_entropy)
+                 moe_experts=ops.moe_experts, cross_entropy=ops.cross_entropy, decode_attention=ops.decode_attention)
 
 
 def _import_torch_npu() -> Any:

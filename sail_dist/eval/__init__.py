@@ -1,0 +1,1 @@
+"""Generation-based evaluation (`sail-eval`): matching, pass@k, per-sample results."""

@@ -1,0 +1,1 @@
+"""Forward-only probes of a model on calibration data."""
