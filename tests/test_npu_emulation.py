@@ -351,8 +351,11 @@ def _assert_same_outputs_and_grads(ref_fn, npu_fn, inputs, seed=0):
     dout = torch.randn(out_ref.shape, dtype=out_ref.dtype, generator=_gen(seed))
     grads_ref = torch.autograd.grad(out_ref, leaves, dout)
     grads_npu = torch.autograd.grad(out_npu, leaves, dout)
+    # A gradient sums T (or V) products in the tiles' order, not the reference's: in fp32 that is a few ulps more
+    # than the outputs' rounding (1.05e-6 seen on one machine); fp64 keeps the tight bound.
+    tol = TOL if out_ref.dtype == torch.float64 else 4 * TOL
     for i, (a, b) in enumerate(zip(grads_npu, grads_ref)):
-        assert rel_err(a, b) <= TOL, f"gradient of input {i}: rel err {rel_err(a, b):.2e}"
+        assert rel_err(a, b) <= tol, f"gradient of input {i}: rel err {rel_err(a, b):.2e}"
 
 
 @pytest.fixture(scope="module")

@@ -128,7 +128,11 @@ def test_demo_task_prompts_load_as_verifiable_prompts_and_the_curve_is_drawn(tmp
     path = make_prompts(str(tmp_path / "train.jsonl"), 12, seed=5, image_size=112, arith=0.25)
     assert open(path).read() == open(make_prompts(str(tmp_path / "again.jsonl"), 12, seed=5, image_size=112,
                                                   arith=0.25)).read().replace("again_", "train_")
-    cfg = load_config(demo, [f"rl.prompts=[{{path: {path}}}]", "train.init_from="])
+    from sail_dist.data.demo import ensure_demo
+
+    demo_dir = str(tmp_path / "demo")
+    ensure_demo(demo_dir)  # the demo tokenizer: a fresh clone has none yet
+    cfg = load_config(demo, [f"rl.prompts=[{{path: {path}}}]", "train.init_from=", f"data.demo_dir={demo_dir}"])
     builder = SampleBuilder.from_config(cfg, default_tokenizer_dir(cfg))
     items, bad = load_prompts(cfg, cfg.rl.prompts, builder)
     assert len(items) == 12 and not bad.counts
