@@ -38,6 +38,7 @@ def _moving(rng: random.Random, size: int, shape: str, colour: str, right: bool,
 
 def prepare(root: str, demo_dir: str = ".cache/sail_dist_demo", image_size: int = 112, seed: int = 0) -> str:
     """Write the demo recipe's sources under `root` (skipped when already there); returns `root`."""
+    root = os.path.abspath(root)  # the records name their video folders by absolute path
     done = os.path.join(root, "DONE")
     if os.path.exists(done):
         return root
