@@ -244,3 +244,22 @@ def test_shipped_recipes_parse(name):
     assert all(os.path.isfile(s.config) for s in recipe.stages)
     if name != "demo":
         assert {"rl_verifiable", "rl_mixed"} <= set(stages)
+
+
+def test_demo_recipe_sources_load_from_a_relative_directory(tmp_path, monkeypatch):
+    """The derived sources (configs/recipe/demo.yaml names them by a relative path) decode, video records included."""
+    from sail_dist.data.demo import ensure_demo
+    from sail_dist.data.demo_recipe import prepare
+    from sail_dist.data.loader import build_loader
+
+    ensure_demo(str(tmp_path / "demo"))
+    monkeypatch.chdir(tmp_path)
+    prepare("recipe_data", str(tmp_path / "demo"))
+    cfg = load_config(os.path.join(RECIPE_STAGES, "video_mix.yaml"), [
+        f"data.tokenizer={tmp_path}/demo/tokenizer", "data.num_workers=0", "data.pack_tokens=1024",
+        "data.sources=[{path: recipe_data/image.jsonl, modality: image}, {path: recipe_data/video.jsonl, modality: video}]"],
+        stage="sft_phase4")
+    with build_loader(cfg) as loader:
+        step = next(loader)
+    assert step.stats.modality_samples.get("video", 0) > 0 and not step.stats.decode_dropped
+    assert sum(mb.num_images for mb in step.micro_batches) > 0
