@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sail_dist.backends.base import get_backend, model_dtype
+from sail_dist.backends.base import model_dtype
 from sail_dist.config import Config, dump_config
 from sail_dist.data.balance import SampleCost, cost_model_from_config, schedule_step
 from sail_dist.data.batch import PackedBatch
@@ -49,7 +49,7 @@ from sail_dist.rollout.sampler import pack_prompts
 from sail_dist.train.checkpoint import check_resume_config, load_checkpoint, resolve_resume, save_checkpoint
 from sail_dist.train.lr import lr_at
 from sail_dist.train.metrics import Metrics
-from sail_dist.train.trainer import seed_everything, setup_logging
+from sail_dist.train.trainer import run_on_backend
 
 log = logging.getLogger("sail_dist")
 
@@ -199,17 +199,7 @@ def plan_updates(cfg: Config, rollouts: list[Rollout], prompt_of: Callable[[Roll
 # ------------------------------------------------------------------------------------------------ the loop
 def train_rl(cfg: Config, parts: RLParts | None = None) -> dict:
     """Run (or resume) the RL job described by `cfg` (stage rl_verifiable / rl_mixed); returns a summary."""
-    backend = get_backend(cfg.backend.name)
-    env = backend.setup(cfg)
-    setup_logging(env.rank)
-    seed_everything(cfg.train.seed + env.rank)
-    clean = False
-    try:
-        summary = run_rl(cfg, backend, env, parts)
-        clean = True
-        return summary
-    finally:
-        backend.teardown(clean=clean)
+    return run_on_backend(cfg, lambda cfg, backend, env: run_rl(cfg, backend, env, parts))
 
 
 def _gather(obj, env) -> list:

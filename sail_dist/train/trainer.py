@@ -12,6 +12,7 @@ import os
 import random
 import sys
 import time
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -45,19 +46,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: Config) -> dict:
-    """Run (or resume) the training job described by `cfg`; returns a summary (final loss, paths, eval)."""
+def run_on_backend(cfg: Config, body: Callable[[Config, Any, Any], dict]) -> dict:
+    """Set up the configured backend (process groups, per-rank logging and seeds), run `body(cfg, backend, env)`,
+    and tear the backend down (cleanly only when `body` returned): the frame of every runner (SFT, RL)."""
     backend = get_backend(cfg.backend.name)
     env = backend.setup(cfg)
     setup_logging(env.rank)
     seed_everything(cfg.train.seed + env.rank)
     clean = False
     try:
-        summary = _train(cfg, backend, env)
+        summary = body(cfg, backend, env)
         clean = True
         return summary
     finally:
         backend.teardown(clean=clean)
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) the training job described by `cfg`; returns a summary (final loss, paths, eval)."""
+    return run_on_backend(cfg, _train)
 
 
 def _train(cfg: Config, backend, env) -> dict:
