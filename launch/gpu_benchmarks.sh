@@ -8,7 +8,8 @@
 # than one): that pair again with DP = #GPUs, for the scaling efficiency against the 1-GPU pair; 1 GPU: the
 # reduced A3B shape (4 MoE layers, real widths) end to end with loop / grouped_mm / triton experts. PARTS picks
 # parts (default 2b,compile,offload,scale,a3b; also recipe = the offload pair at 16 micro-batches, profile = a
-# profiled step); BENCH_EXTRA is appended to every run (e.g. BENCH_EXTRA=train.compile=true).
+# profiled step, coldstart = the compiled first step on an empty and then a warm compile cache); BENCH_EXTRA is
+# appended to every run (e.g. BENCH_EXTRA=train.compile=true).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/common.sh"
@@ -45,6 +46,13 @@ A3B=(--model configs/model/sailvl2_a3b.yaml --llm-layers 4 --seq 8192 --sample-l
 case "$PARTS" in *a3b*)
   for impl in loop grouped_mm triton; do bench "a3b4_$impl" 1 "${A3B[@]}" "backend.moe_impl=$impl"; done ;;
 esac
+case "$PARTS" in *coldstart*)
+  # the first step of train.compile=true on an empty compile cache, then again on the cache the first run filled
+  rm -rf "$OUT_DIR/compile_cache"
+  for run in cold warm; do
+    bench "2b_compile_$run" 1 "${TWO_B[@]}" --micro-batches 4 --steps 3 --warmup 1 train.compile=true \
+      "train.compile_cache=$OUT_DIR/compile_cache"
+  done ;; esac
 case "$PARTS" in *profile*)
   bench 2b_profile 1 "${TWO_B[@]}" --micro-batches 2 --steps 3 --warmup 2 --profile ;; esac
 echo "=== summary ===" >&2
@@ -67,6 +75,9 @@ for k, r in rows.items():  # DP = N against the same run on one GPU
             r["tokens_per_s_per_device"] / rows[base]["tokens_per_s_per_device"])
 if "a3b4_loop" in rows and "a3b4_triton" in rows:
     fig["a3b_e2e_speedup_triton_vs_loop"] = rows["a3b4_loop"]["step_s"] / rows["a3b4_triton"]["step_s"]
+for run in ("cold", "warm"):
+    if f"2b_compile_{run}" in rows:
+        fig[f"first_step_s_{run}_cache"] = rows[f"2b_compile_{run}"]["first_step_s"]
 if "a3b4_grouped_mm" in rows and "a3b4_triton" in rows:
     fig["a3b_e2e_speedup_triton_vs_grouped_mm"] = rows["a3b4_grouped_mm"]["step_s"] / rows["a3b4_triton"]["step_s"]
 print(json.dumps({"runs": rows, **fig}))

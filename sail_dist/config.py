@@ -307,6 +307,9 @@ class TrainConfig:
     train_modules: list[str] = field(default_factory=lambda: ["vit", "adapter", "llm"])
     activation_checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
     compile: bool = False  # torch.compile each block's dense parts (sail_dist/parallel/compile.py); GPU backend only
+    # where compiled graphs and Triton kernels are cached across runs (Inductor's FX-graph and AOTAutograd caches,
+    # Triton's cache); a warm cache turns the first step's minute of compilation into seconds. "" = torch's defaults
+    compile_cache: str = "~/.cache/sail_dist/compile"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on accelerators, fp32 on CPU
     seed: int = 1234
     out_dir: str = "runs/default"
@@ -363,8 +366,15 @@ class SamplingConfig:
     max_new_tokens: int = 4096  # report: generation 4096
     max_context: int = 16384  # prompt + generation (report: context 16384)
     seed: int = 0
+    # the engine (Sampler in sail_dist/rollout/sampler.py); rl.rollout_batch is its slot count
+    max_total_tokens: int = 1 << 18  # KV-cache budget over all slots (slots x rows); a warning says when it caps slots
+    prefill_tokens: int = 32768  # token budget of one packed prefill
+    sync_every: int = 16  # decode steps between the host's checks for finished sequences
+    cuda_graphs: bool = True  # on CUDA: replay the decode step as one CUDA graph
+    compile: bool = True  # on CUDA: torch.compile the decode step's pieces (BENCHMARKS.md "Rollout"); CPU stays eager
 
     def check(self, err) -> None:
+        _positive(self, err, "max_total_tokens", "prefill_tokens", "sync_every")
         if self.temperature < 0:
             err("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:

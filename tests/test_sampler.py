@@ -6,6 +6,7 @@ equal log_softmax of those logits. The decode-attention op is checked against a 
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -324,6 +325,11 @@ def test_sampler_cuda_graphs_equal_eager_and_no_cache():
     sp = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=1)
     assert ([[c.tokens for c in cs] for cs in Sampler(model, cuda_graphs=False).generate(prompts, sp, n=2)]
             == [[c.tokens for c in cs] for cs in Sampler(model, cuda_graphs=True).generate(prompts, sp, n=2)])
+    # compile=True inside the graph (its own copy: compile_generation replaces the model's generation pieces)
+    compiled = Sampler(copy.deepcopy(model), cuda_graphs=True, compile=True)
+    assert [c[0].tokens for c in compiled.generate(prompts, params)] == [c[0].tokens for c in eager]
+    assert ([[c.tokens for c in cs] for cs in compiled.generate(prompts, sp, n=2)]
+            == [[c.tokens for c in cs] for cs in Sampler(model, cuda_graphs=False).generate(prompts, sp, n=2)])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 memory-bandwidth bound, on the 2B shape (random weights, bf16, fixed output length: no stop tokens).
 
     python -m sail_dist.bench.rollout [--model configs/model/sailvl2_2b.yaml] [--batches 16,64,256]
-        [--prompt 512] [--new 256] [--no-hf] [--no-eager] [--small]
+        [--prompt 512] [--new 256] [--no-hf] [--no-eager] [--no-compile] [--profile] [--small]
 
 Per batch B: B distinct random text prompts of --prompt tokens, one rollout each, --new tokens each, sampling at
 temperature 1 (top-p 1, top-k off) for both engines. Figures are end-to-end generate() calls (prefill included)
 after one warm-up call of the same shape (which also captures the sampler's CUDA graph):
-  sampler     the Sampler with CUDA graphs (the default on CUDA); `decode` = its decode phase alone
+  sampler     the Sampler with CUDA graphs; `decode` = its decode phase alone
+  compiled    the Sampler with CUDA graphs and compile=True (the RL default on CUDA: rl.sampling.compile), on its
+              own copy of the model; `x hf` and the bound fractions use the faster of the two
   eager       the Sampler without CUDA graphs (what the graphs buy)
   hf          transformers Qwen3ForCausalLM.generate (a config of the same shapes, random weights, SDPA attention,
               its default dynamic cache), min_new_tokens = max_new_tokens so it too runs the full length
@@ -20,6 +22,7 @@ Prints a table and ends with one JSON line.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -74,8 +77,8 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_sampler(model, prompts, params, graphs: bool, batch: int, seq: int) -> dict:
-    sampler = Sampler(model, max_batch=batch, max_total_tokens=batch * seq, cuda_graphs=graphs)
+def time_sampler(model, prompts, params, graphs: bool, batch: int, seq: int, compile: bool = False) -> dict:
+    sampler = Sampler(model, max_batch=batch, max_total_tokens=batch * seq, cuda_graphs=graphs, compile=compile)
     sampler.generate(prompts, params)  # warm-up (and graph capture) at this exact shape
     sync(model.llm.embed_tokens.weight.device)
     t = time.perf_counter()
@@ -89,13 +92,17 @@ def time_sampler(model, prompts, params, graphs: bool, batch: int, seq: int) -> 
             "decode_tok_s": decode_tokens / max(st["decode_s"], 1e-9), "graphs": sampler.cuda_graphs}
 
 
-def profile_decode(model, prompts, params, batch: int, seq: int, steps: int = 5, top: int = 14) -> None:
-    """Kernel times of `steps` eager decode steps (the graph replays the same kernels), top `top` by device time."""
+@torch.no_grad()
+def profile_decode(model, prompts, params, batch: int, seq: int, compile: bool = False, steps: int = 5,
+                   top: int = 14) -> None:
+    """Kernel times of `steps` decode steps run without the graph (which replays the same kernels), top `top` by
+    device time."""
     from torch.profiler import ProfilerActivity, profile
 
     from dataclasses import replace
 
-    sampler = Sampler(model, max_batch=batch, max_total_tokens=batch * seq, cuda_graphs=False, seq_len_multiple=seq)
+    sampler = Sampler(model, max_batch=batch, max_total_tokens=batch * seq, cuda_graphs=False, compile=compile,
+                      seq_len_multiple=seq)
     sampler.generate(prompts, replace(params, max_new_tokens=2))  # sets up the state: cache of `seq` rows
     st, cache = sampler._state, sampler._cache
     st.active_B.zero_()  # idle slots: the same kernels, nothing recorded
@@ -107,7 +114,8 @@ def profile_decode(model, prompts, params, batch: int, seq: int, steps: int = 5,
     rows = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
     rows.sort(key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in rows) / steps / 1e3
-    print(f"[rollout bench] B={batch} decode step kernels: {total:.3f} ms/step", flush=True)
+    print(f"[rollout bench] B={batch} compile={compile} decode step kernels: {total:.3f} ms/step, "
+          f"{sum(e.count for e in rows) // steps} kernels", flush=True)
     for e in rows[:top]:
         print(f"    {e.self_device_time_total / steps / 1e3:8.3f} ms  x{e.count // steps:<4} {e.key[:110]}", flush=True)
 
@@ -177,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--no-hf", action="store_true", help="skip transformers generate")
     p.add_argument("--no-eager", action="store_true", help="skip the sampler without CUDA graphs")
+    p.add_argument("--no-compile", action="store_true", help="skip the sampler with compile=True")
     p.add_argument("--compare-decode", action="store_true", help="time each decode-attention kernel alone (CUDA)")
     p.add_argument("--profile", action="store_true", help="print the decode step's top kernels per batch (CUDA)")
     p.add_argument("--small", action="store_true", help="tiny shapes on CPU (seconds): the smoke run")
@@ -202,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
     seq = -(-(a.prompt + a.new) // 64) * 64  # the sampler's cache rows (it rounds up to 64)
     rows = []
     hf = None if a.no_hf else hf_model(cfg.model, device, dtype)
+    # compile_generation replaces the model's generation pieces in place: the compiled runs get their own copy
+    compiled_model = None if a.no_compile or device.type != "cuda" else copy.deepcopy(model)
     for B in batches:
         prompts = random_prompts(cfg.model, B, a.prompt, seed=B)
         row: dict = {"batch": B}
@@ -211,20 +222,29 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[rollout bench] B={B} sampler {r}", flush=True)
         if a.compare_decode and device.type == "cuda":
             row["decode_attention_ops"] = compare_decode_attention(model, B, a.prompt, a.new)
+        if compiled_model is not None:
+            c = time_sampler(compiled_model, prompts, params, None, B, seq, compile=True)
+            row.update(compiled_tok_s=c["tok_s"], compiled_decode_tok_s=c["decode_tok_s"], compiled_wall_s=c["wall_s"])
+            print(f"[rollout bench] B={B} compiled {c}", flush=True)
         if a.profile and device.type == "cuda":
             profile_decode(model, prompts, params, B, seq)
+            if compiled_model is not None:
+                profile_decode(compiled_model, prompts, params, B, seq, compile=True)
         if not a.no_eager and device.type == "cuda":
             e = time_sampler(model, prompts, params, False, B, seq)
             row.update(eager_tok_s=e["tok_s"], eager_decode_tok_s=e["decode_tok_s"])
             print(f"[rollout bench] B={B} eager {e}", flush=True)
         if hf is not None:
             h = time_hf(hf, prompts, a.new, device)
-            row.update(hf_tok_s=h["tok_s"], speedup_vs_hf=row["sampler_tok_s"] / h["tok_s"])
+            best = max(row["sampler_tok_s"], row.get("compiled_tok_s", 0.0))
+            row.update(hf_tok_s=h["tok_s"], speedup_vs_hf=best / h["tok_s"])
             print(f"[rollout bench] B={B} hf {h}", flush=True)
         if bw:
             bound_tok_s = B * a.new / decode_bound_s(model, B, a.prompt, a.new, bw)
-            row.update(bound_tok_s=bound_tok_s, bound_fraction=row["sampler_tok_s"] / bound_tok_s,
-                       decode_bound_fraction=row["sampler_decode_tok_s"] / bound_tok_s)
+            row.update(bound_tok_s=bound_tok_s,
+                       bound_fraction=max(row["sampler_tok_s"], row.get("compiled_tok_s", 0.0)) / bound_tok_s,
+                       decode_bound_fraction=max(row["sampler_decode_tok_s"],
+                                                 row.get("compiled_decode_tok_s", 0.0)) / bound_tok_s)
         rows.append(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -232,12 +252,13 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(f"Rollout on {dev_name}: {os.path.basename(a.model)}, bf16={dtype == torch.bfloat16}, prompt {a.prompt}, "
           f"{a.new} new tokens, sampling T=1; generated tokens/s (end to end, prefill included)")
-    print(f"{'batch':>5} {'sampler':>9} {'decode':>9} {'eager':>9} {'hf':>9} {'x hf':>6} {'bound':>9} {'of bound':>8} "
-          f"{'decode of bound':>15}")
+    print(f"{'batch':>5} {'sampler':>9} {'decode':>9} {'compiled':>9} {'decode':>9} {'eager':>9} {'hf':>9} {'x hf':>6} "
+          f"{'bound':>9} {'of bound':>8} {'decode of bound':>15}")
     for r in rows:
         def f(k, fmt="9.0f"):
             return format(r[k], fmt) if k in r else format("-", ">" + fmt.split(".")[0])
-        print(f"{r['batch']:>5} {f('sampler_tok_s')} {f('sampler_decode_tok_s')} {f('eager_tok_s')} {f('hf_tok_s')} "
+        print(f"{r['batch']:>5} {f('sampler_tok_s')} {f('sampler_decode_tok_s')} {f('compiled_tok_s')} "
+              f"{f('compiled_decode_tok_s')} {f('eager_tok_s')} {f('hf_tok_s')} "
               f"{f('speedup_vs_hf', '6.1f')} {f('bound_tok_s')} {f('bound_fraction', '8.2f')} "
               f"{f('decode_bound_fraction', '15.2f')}")
     result = {"bench": "rollout", "device": dev_name, "model": os.path.basename(a.model), "prompt": a.prompt,

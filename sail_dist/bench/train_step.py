@@ -36,22 +36,46 @@ def micro_batch(cfg, seq: int, sample_len: int, tiles: int, seed: int):
     return synthetic_batch(cfg.model, lens, [[(g, g)] * tiles for _ in lens], seed=seed)
 
 
-def device_time_breakdown(prof) -> str:
-    """Kernel time by kind (GEMM, attention, Triton/Inductor-fused, memcpy, other). (Not against wall time: the
-    profiler itself stretches the profiled step.)"""
-    # attention first: flash kernels' template names mention cutlass too
-    kinds = {"attention": ("flash", "fmha", "attention"), "gemm": ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma"),
-             "triton": ("triton",), "memcpy": ("memcpy", "memset")}
-    sums = dict.fromkeys([*kinds, "other"], 0.0)
-    for e in prof.key_averages():
-        if e.device_type.name != "CUDA":
-            continue  # host-side ops (their kernels are listed as device events of their own)
-        name = e.key.lower()
-        kind = next((k for k, subs in kinds.items() if any(s in name for s in subs)), "other")
-        sums[kind] += e.self_device_time_total / 1e3
-    total = sum(sums.values())
-    parts = ", ".join(f"{k} {v:.0f} ms ({100 * v / max(total, 1e-9):.0f}%)" for k, v in sums.items())
-    return f"device kernels {total:.0f} ms: {parts}"
+# Kernel kinds by name, first match wins (attention before matmul: flash kernels' template names mention cutlass).
+KERNEL_KINDS = {
+    "communication": ("nccl",),
+    "optimizer": ("multi_tensor", "adam", "foreach", "fused_sgd"),
+    "attention": ("flash", "fmha", "attention", "_split_kernel", "_merge_kernel"),
+    "matmul": ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "grouped_mm", "_moe_"),
+    "copies": ("memcpy", "memset", "copy", "catarray", "cat_", "index", "gather", "scatter", "fill"),
+    "elementwise": ("elementwise", "reduce", "triton", "softmax", "norm", "silu", "_ce_", "cross_entropy"),
+}
+
+
+def kernel_kind(name: str) -> str:
+    name = name.lower()
+    return next((k for k, subs in KERNEL_KINDS.items() if any(x in name for x in subs)), "elementwise")
+
+
+def device_time_breakdown(prof, wall_s: float) -> dict:
+    """The profiled step split into matmul / attention / elementwise / copies / optimizer / communication device
+    time and idle (the step's wall time in which no kernel runs: the union of kernel intervals subtracted).
+    Kernels the table does not name are counted as elementwise (Inductor's and our fused element-wise kernels)."""
+    sums = dict.fromkeys(KERNEL_KINDS, 0.0)
+    spans = []
+    for e in prof.events():
+        if e.device_type.name != "CUDA" or e.time_range.elapsed_us() <= 0:
+            continue
+        sums[kernel_kind(e.name)] += e.time_range.elapsed_us() / 1e3
+        spans.append((e.time_range.start, e.time_range.end))
+    spans.sort()
+    busy, cur_s, cur_e = 0.0, None, None
+    for s0, e0 in spans:  # union of the kernel intervals (streams overlap)
+        if cur_e is None or s0 > cur_e:
+            busy += (cur_e - cur_s) if cur_e is not None else 0.0
+            cur_s, cur_e = s0, e0
+        else:
+            cur_e = max(cur_e, e0)
+    busy += (cur_e - cur_s) if cur_e is not None else 0.0
+    out = {k: round(v, 1) for k, v in sums.items()}
+    out["idle"] = round(max(wall_s * 1e3 - busy / 1e3, 0.0), 1)
+    out["wall_ms"] = round(wall_s * 1e3, 1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -80,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     engine = backend.build(cfg, env)
     times, losses = [], []
     flops_step = 0.0
+    profile_split = None
     for step in range(a.steps):
         mbs = [micro_batch(cfg, a.seq, a.sample_len, a.tiles_per_sample, seed=(step * env.dp_size + env.dp_rank) * 97 + m)
                for m in range(a.micro_batches)]
@@ -97,12 +122,20 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         stats = engine.train_step(mbs, lr_at(cfg.train, step))
         if prof is not None:
+            if env.device.type == "cuda":
+                torch.cuda.synchronize()
+            prof_wall = time.perf_counter() - t0
             prof.__exit__(None, None, None)
             if env.is_main:
                 key = "self_cuda_time_total" if env.device.type == "cuda" else "self_cpu_time_total"
                 print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
                 if env.device.type == "cuda":
-                    print(device_time_breakdown(prof))
+                    split = device_time_breakdown(prof, prof_wall)
+                    total = sum(v for k, v in split.items() if k != "wall_ms")
+                    print(f"profiled step {split['wall_ms']:.0f} ms (stretched by the profiler): " + ", ".join(
+                        f"{k} {v:.0f} ms ({100 * v / max(total, 1e-9):.0f}%)" for k, v in split.items()
+                        if k != "wall_ms"))
+                    profile_split = split
                     # where the memory-bound aten ops come from: the same table by input shapes
                     rows = [e for e in prof.key_averages(group_by_input_shape=True)
                             if e.key in ("aten::copy_", "aten::add_", "aten::mul", "aten::sub", "aten::add")]
@@ -125,10 +158,15 @@ def main(argv: list[str] | None = None) -> dict:
            "tiles_per_sample": a.tiles_per_sample, "offload": a.offload, "step_s": dt,
            "tokens_per_s": tokens_dev * env.world_size, "tokens_per_s_per_device": tokens_dev,
            "mfu": mfu, "tflops_per_device": flops_step / dt / 1e12, "peak_mem_gib": mem,
-           "loss_first": losses[0], "loss_last": losses[-1], "step_times": [round(x, 4) for x in times]}
+           "loss_first": losses[0], "loss_last": losses[-1], "step_times": [round(x, 4) for x in times],
+           "first_step_s": times[0], **({"profile_split_ms": profile_split} if profile_split else {})}
     if cfg.train.compile:
         from torch._dynamo.utils import counters
 
+        from torch._dynamo.utils import compile_times
+
+        if env.is_main:  # where the first step's compilation went (dynamo tracing, AOT, Inductor, Triton), seconds
+            print(compile_times(repr="str", aggregate=True))
         res["dynamo"] = {"unique_graphs": counters["stats"]["unique_graphs"],
                          "graph_breaks": sum(counters["graph_break"].values()),
                          "recompiles_over_limit": counters["stats"].get("cache_size_limit", 0)}

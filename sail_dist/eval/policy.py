@@ -46,10 +46,11 @@ def _tokenizer_dir(cfg: Config, hf_dir: str, tokenizer: str) -> str:
 
 
 def default_engine(model, cfg: Config) -> RolloutEngine:
-    """The built-in KV-cache sampler (sail_dist/rollout/sampler.py) over `model`, rl.rollout_batch slots."""
+    """The built-in KV-cache sampler (sail_dist/rollout/sampler.py) over `model`: rl.rollout_batch slots, rl.sampling's
+    engine knobs."""
     from sail_dist.rollout.sampler import Sampler
 
-    return Sampler(model, max_batch=cfg.rl.rollout_batch)
+    return Sampler.from_config(model, cfg.rl.sampling, cfg.rl.rollout_batch)
 
 
 def load_policy(cfg: Config, init_from: str, tokenizer: str = "",

@@ -57,29 +57,23 @@ class Attention(nn.Module):
         o = self.ops.attention(q_THd, k_THd, v_THd, cu_seqlens, max_seqlen, causal=True)
         return self.o_proj(o.reshape(T, self.hq * self.hd))
 
-    def prefill(self, x_TD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
-                max_seqlen: int, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_T: torch.Tensor,
-                pos_T: torch.Tensor) -> torch.Tensor:
-        """`forward` over packed prompts that also writes each token's K/V into cache[slot_T, pos_T]
-        (cache [B, S, Hkv, Hd])."""
-        T = x_TD.shape[0]
-        q_THd, k_THd, v_THd = self.qkv(x_TD, cos, sin)
+    def prefill_attend(self, q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor, cu_seqlens: torch.Tensor,
+                       max_seqlen: int, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_T: torch.Tensor,
+                       pos_T: torch.Tensor) -> torch.Tensor:
+        """Packed prompts: write each token's K/V into cache[slot_T, pos_T] (cache [B, S, Hkv, Hd]), then the
+        training attention over cu_seqlens -> o [T, Hq, Hd]."""
         k_cache[slot_T, pos_T] = k_THd.to(k_cache.dtype)
         v_cache[slot_T, pos_T] = v_THd.to(v_cache.dtype)
-        o = self.ops.attention(q_THd, k_THd, v_THd, cu_seqlens, max_seqlen, causal=True)
-        return self.o_proj(o.reshape(T, self.hq * self.hd))
+        return self.ops.attention(q_THd, k_THd, v_THd, cu_seqlens, max_seqlen, causal=True)
 
-    def decode(self, x_BD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
+    def decode_attend(self, q_BHd: torch.Tensor, k_BHd: torch.Tensor, v_BHd: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
         """One new token per cache slot (row b = slot b, at position pos_B[b]): write its K/V, then attend to
-        the slot's rows [0, pos_B[b]] through the OpSet's decode_attention."""
-        B = x_BD.shape[0]
-        q_BHd, k_BHd, v_BHd = self.qkv(x_BD, cos, sin)
-        slot_B = torch.arange(B, device=x_BD.device)
+        the slot's rows [0, pos_B[b]] through the OpSet's decode_attention -> o [B, Hq, Hd]."""
+        slot_B = torch.arange(q_BHd.shape[0], device=q_BHd.device)
         k_cache[slot_B, pos_B] = k_BHd.to(k_cache.dtype)
         v_cache[slot_B, pos_B] = v_BHd.to(v_cache.dtype)
-        o = self.ops.decode_attention(q_BHd, k_cache, v_cache, pos_B + 1)
-        return self.o_proj(o.reshape(B, self.hq * self.hd))
+        return self.ops.decode_attention(q_BHd, k_cache, v_cache, pos_B + 1)
 
 
 class DenseMLP(nn.Module):
@@ -116,17 +110,29 @@ class DecoderLayer(nn.Module):
             return self.mlp.experts(x_TD, topk_idx, topk_w)
         return self.mlp(x_TD)
 
+    # Prefill and decode are split around the cache write + attention, so that the pieces before and after it are
+    # pure functions of their inputs, which parallel/compile.py's compile_generation compiles (vLLM's piecewise
+    # graphs); the same two pieces serve packed prompts [T, D] and one token per slot [B, D].
+    def pre_attention(self, x_TD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.attn.qkv(self.input_norm(x_TD), cos, sin)
+
+    def post_attention(self, x_TD: torch.Tensor, o_THd: torch.Tensor) -> torch.Tensor:
+        x_TD = x_TD + self.attn.o_proj(o_THd.reshape(x_TD.shape[0], -1))
+        return x_TD + self.infer_mlp(self.post_attn_norm(x_TD))
+
     def prefill(self, x_TD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int, cache, slot_T: torch.Tensor, pos_T: torch.Tensor) -> torch.Tensor:
-        x_TD = x_TD + self.attn.prefill(self.input_norm(x_TD), cos, sin, cu_seqlens, max_seqlen,
-                                        cache.k[self.index], cache.v[self.index], slot_T, pos_T)
-        return x_TD + self.infer_mlp(self.post_attn_norm(x_TD))
+        q_THd, k_THd, v_THd = self.pre_attention(x_TD, cos, sin)
+        o_THd = self.attn.prefill_attend(q_THd, k_THd, v_THd, cu_seqlens, max_seqlen, cache.k[self.index],
+                                         cache.v[self.index], slot_T, pos_T)
+        return self.post_attention(x_TD, o_THd)
 
     def decode(self, x_BD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, pos_B: torch.Tensor
                ) -> torch.Tensor:
-        x_BD = x_BD + self.attn.decode(self.input_norm(x_BD), cos, sin, cache.k[self.index], cache.v[self.index],
-                                       pos_B)
-        return x_BD + self.infer_mlp(self.post_attn_norm(x_BD))
+        q_BHd, k_BHd, v_BHd = self.pre_attention(x_BD, cos, sin)
+        o_BHd = self.attn.decode_attend(q_BHd, k_BHd, v_BHd, cache.k[self.index], cache.v[self.index], pos_B)
+        return self.post_attention(x_BD, o_BHd)
 
 
 class Qwen3(nn.Module):

@@ -10,10 +10,37 @@ names are unchanged; `dynamic=True` because packed micro-batches change length e
 """
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 from torch import nn
 
 from sail_dist.model.moe import MoE
+
+
+log = logging.getLogger("sail_dist")
+
+
+def use_compile_cache(cache_dir: str) -> str:
+    """Cache compiled artefacts under `cache_dir` across runs: Inductor's FX-graph cache (generated code) and
+    AOTAutograd cache (traced joint graphs) in <dir>/inductor, Triton's compiled kernels in <dir>/triton. A variable
+    the user already exported (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) wins. "" keeps torch's defaults
+    (/tmp/torchinductor_<user>, ~/.triton). Returns the Inductor cache directory in use."""
+    if cache_dir:
+        root = os.path.abspath(os.path.expanduser(cache_dir))
+        for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+            if not os.environ.get(var):
+                os.makedirs(os.path.join(root, sub), exist_ok=True)
+                os.environ[var] = os.path.join(root, sub)
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
+
+    return inductor_cache_dir()
 
 
 def _compile(module: nn.Module) -> None:
@@ -36,3 +63,23 @@ def apply_compile(model: nn.Module, vit: bool = True, llm: bool = True) -> int:
     for m in mods:
         _compile(m)
     return len(mods)
+
+
+def compile_generation(model: nn.Module) -> int:
+    """Compile the pure pieces of KV-cache generation per LLM layer (the sampler's `compile` switch): the input
+    norm + qkv projection + QK-norm + RoPE before the cache write, and (dense layers) o_proj + residual + norm +
+    SwiGLU MLP + residual after the attention. They serve the packed prefill [T, D] and the decode step [B, D];
+    the cache write and the attention stay outside (in-place writes into a view of the cache, and the OpSet's own
+    kernels), as in vLLM's piecewise graphs. Default dynamic shapes: the first shape compiles static, the next
+    recompiles with the token dimension dynamic, and the sampler's CUDA graph replays the decode step's kernels.
+    MoE layers keep their MoE block eager (routing and the expert kernels). Returns how many methods were compiled."""
+    n = 0
+    targets = [(layer, "pre_attention") for layer in model.llm.layers]
+    targets += [(layer, "post_attention") for layer in model.llm.layers if not isinstance(layer.mlp, MoE)]
+    for obj, name in targets:
+        flag = f"_sail_compiled_{name}"
+        if not getattr(obj, flag, False):
+            setattr(obj, name, torch.compile(getattr(obj, name)))
+            setattr(obj, flag, True)
+            n += 1
+    return n

@@ -19,7 +19,7 @@ from sail_dist.kernels.opset import OpSet
 from sail_dist.model.build import build_model
 from sail_dist.model.sailvl import SailVL
 from sail_dist.parallel.checkpointing import apply_activation_checkpointing
-from sail_dist.parallel.compile import apply_compile
+from sail_dist.parallel.compile import apply_compile, use_compile_cache
 from sail_dist.parallel.freeze import apply_freeze
 
 
@@ -45,6 +45,7 @@ def build_train_model(cfg: Config, ops: OpSet, *, aux_loss_weight: float,
     model = build_model(cfg.model, ops, seed=t.seed, init_from=t.init_from)
     trainable = apply_freeze(model, t.train_modules)
     if t.compile:
+        use_compile_cache(t.compile_cache)
         apply_compile(model)
     apply_activation_checkpointing(model, t.activation_checkpointing.vit, t.activation_checkpointing.llm)
     apply_moe_hooks(model, aux_loss_weight, reduce_counts)

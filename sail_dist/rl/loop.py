@@ -105,7 +105,7 @@ def default_parts(cfg: Config) -> RLParts:
 
         judge = build_judge(cfg.rl.reward.judge, cfg)
     return RLParts(items, eval_items, build_reward(cfg.rl.reward, judge), builder.template.decode,
-                   lambda model: Sampler(model, max_batch=cfg.rl.rollout_batch), builder.padding_batch,
+                   lambda model: Sampler.from_config(model, cfg.rl.sampling, cfg.rl.rollout_batch), builder.padding_batch,
                    {"prompts": bad.summary(), **({"eval_prompts": bad_eval.summary()} if bad_eval else {})})
 
 

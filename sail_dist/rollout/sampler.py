@@ -210,13 +210,17 @@ class Sampler:
     max_batch: most sequences decoded at once (cache slots). max_total_tokens: the cache budget in tokens over
     all slots (slots * rows; K+V bytes = 2 * layers * kv_heads * head_dim * dtype bytes per token).
     cuda_graphs: replay the decode step as a CUDA graph (None = on CUDA devices; a capture failure then falls
-    back to eager with a warning). prefill_tokens: token budget of one packed prefill. sync_every: decode
+    back to eager with a warning). compile: torch.compile generation's pure pieces (parallel/compile.py
+    compile_generation: each layer's norms, projections, RoPE and MLP, in prefill and decode; the decode step's
+    sampling and bookkeeping here), which
+    fuses the element-wise kernels the graph would otherwise replay one by one; the first call of each batch
+    shape pays the compilation. prefill_tokens: token budget of one packed prefill. sync_every: decode
     steps between the host's checks for finished sequences.
     """
 
     def __init__(self, model: SailVL, *, max_batch: int = 64, max_total_tokens: int = 1 << 18,
-                 cuda_graphs: bool | None = None, prefill_tokens: int = 32768, sync_every: int = 16,
-                 seq_len_multiple: int = 64) -> None:
+                 cuda_graphs: bool | None = None, compile: bool = False, prefill_tokens: int = 32768,
+                 sync_every: int = 16, seq_len_multiple: int = 64) -> None:
         for name, v in (("max_batch", max_batch), ("max_total_tokens", max_total_tokens),
                         ("prefill_tokens", prefill_tokens), ("sync_every", sync_every),
                         ("seq_len_multiple", seq_len_multiple)):
@@ -235,6 +239,22 @@ class Sampler:
         self._state: _State | None = None
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.last_stats: dict = {}
+        self.compiled = compile
+        self._capped: tuple[int, int] | None = None
+        self._sample_record = self._sample_record_eager
+        if compile:
+            from sail_dist.parallel.compile import compile_generation
+
+            compile_generation(model)
+            self._sample_record = torch.compile(self._sample_record_eager)
+
+    @classmethod
+    def from_config(cls, model: SailVL, sampling, max_batch: int) -> "Sampler":
+        """The sampler of a run's `rl.sampling` section (SamplingConfig): graphs and compile apply on CUDA only."""
+        cuda = next(model.parameters()).device.type == "cuda"
+        return cls(model, max_batch=max_batch, max_total_tokens=sampling.max_total_tokens,
+                   cuda_graphs=cuda and sampling.cuda_graphs, compile=cuda and sampling.compile,
+                   prefill_tokens=sampling.prefill_tokens, sync_every=sampling.sync_every)
 
     # ---------------------------------------------------------------------------------------------
     def update_weights(self, state_dict: dict) -> None:
@@ -302,6 +322,11 @@ class Sampler:
                              f"max_context) but max_total_tokens={self.max_total_tokens}; raise max_total_tokens or "
                              "lower max_new_tokens / max_context")
         slots = min(self.max_batch, len(queue), self.max_total_tokens // seq_len)
+        if slots < min(self.max_batch, len(queue)) and (slots, seq_len) != self._capped:
+            self._capped = (slots, seq_len)
+            log.warning("Sampler: the KV-cache budget max_total_tokens=%d holds %d slots of %d rows, fewer than "
+                        "max_batch=%d; raise rl.sampling.max_total_tokens (or lower max_new_tokens / max_context) "
+                        "to decode more sequences at once", self.max_total_tokens, slots, seq_len, self.max_batch)
         st = self._prepare(_Shape(slots, seq_len, params.max_new_tokens, len(params.stop_ids)), params)
         cache = self._cache
         slot_item: list[tuple[int, int] | None] = [None] * slots
@@ -415,7 +440,10 @@ class Sampler:
     # ---------------------------------------------------------------------------------------------
     def _decode(self, st: _State, cache: KVCache, params: SamplingParams) -> None:
         """One decode step of every slot (idle slots compute too and record nothing)."""
-        logits_BV = self.model.decode_step(st.tok_B, st.pos_B, cache)
+        self._sample_record(st, self.model.decode_step(st.tok_B, st.pos_B, cache), params)
+
+    @staticmethod
+    def _sample_record_eager(st: _State, logits_BV: torch.Tensor, params: SamplingParams) -> None:
         tok_B, lp_B = sample_tokens(logits_BV, params, st.key_B, st.gen_B)
         st.record(tok_B, lp_B, st.active_B)
 

@@ -113,7 +113,14 @@ def _train(cfg: Config, backend, env) -> dict:
                         data_stats["dropped"], loader.bad_samples().brief())
         if data_stats["decode_dropped"]:  # decode drops are this rank's own
             log.warning("step %d, rank %d: skipped samples at decode %s", step + 1, env.rank, data_stats["decode_dropped"])
+        if step == start and t.compile and env.is_main:  # so that a silent first step does not look like a hang
+            log.info("step %d compiles the model first (train.compile=true; cache %s): minutes on a cold cache at "
+                     "the 2B shape, seconds on a warm one", step + 1,
+                     os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"))
+        t_step = time.perf_counter()
         stats = engine.train_step(data.micro_batches, adalrs.lr(step) if adalrs else lr_at(t, step))
+        if step == start and t.compile and env.is_main:
+            log.info("step %d (compilation included) took %.1f s", step + 1, time.perf_counter() - t_step)
         if stats.skipped:
             nonfinite_run += 1
             skipped_total += 1
