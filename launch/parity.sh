@@ -7,7 +7,8 @@
 #
 #   bash launch/parity.sh [STEPS] [CONFIG] [--stage NAME] [key.sub=value ...]
 #
-# --stage NAME compares that stage of the recipe (its trainable modules, objective and data rules) on both backends.
+# --stage NAME compares that stage of the recipe (its trainable modules, objective and data rules) on both backends;
+# an RL stage (rl_verifiable, rl_mixed) one episode of STEPS policy updates (sail_dist/bench/parity.py).
 #
 # Runs on CPU (gloo; emulated torch_npu ops on the NPU side), which is what CI checks. OUT_DIR (default: a
 # temporary directory) keeps the two runs' JSON files.
@@ -19,10 +20,11 @@ STEPS="${1:-6}"
 CONFIG="${2:-configs/demo/npu_tiny_moe.yaml}"
 shift 2 || shift $# || true
 extra=()
+STAGE=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --stage) extra+=("train.stage=$2"); shift 2 ;;
-    --stage=*) extra+=("train.stage=${1#--stage=}"); shift ;;
+    --stage) STAGE="$2"; extra+=("train.stage=$2"); shift 2 ;;
+    --stage=*) STAGE="${1#--stage=}"; extra+=("train.stage=$STAGE"); shift ;;
     *) extra+=("$1"); shift ;;
   esac
 done
@@ -32,6 +34,14 @@ mkdir -p "$OUT_DIR"
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 # fp32 everywhere, no evaluation, the same data and seed for both runs.
 COMMON=(train.steps="$STEPS" train.precision=fp32 train.eval_samples=0 train.out_dir="$OUT_DIR/run" data.demo=true "$@")
+case "$STAGE" in rl_*)
+  # one episode of STEPS updates on the demo counting prompts (written here first), short generations
+  prompts="$OUT_DIR/rl_prompts/train.jsonl"
+  COMMON=("rl.prompts=[{path: $prompts}]" rl.eval_prompts=[] rl.episodes=1 rl.prompts_per_episode=4 rl.group_size=4
+          rl.ppo_updates="$STEPS" rl.sampling.max_new_tokens=12 rl.sampling.max_context=512 rl.save_every=0
+          rl.rollout_batch=16 train.export_hf=false train.micro_batches=1 "${COMMON[@]}")
+  python3 -m sail_dist.rl.demo_task --prompts-only --config "$CONFIG" "${COMMON[@]}" >&2 ;;
+esac
 
 run() {  # run NPROC OUT overrides...
   local nproc="$1" out="$2"; shift 2

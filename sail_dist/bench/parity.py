@@ -13,7 +13,11 @@ a tensor: max |npu - gpu| / max |gpu| per tensor, reported per tensor and per la
 layers included). A norm alone would not see swapped experts or a flipped sign; the per-parameter norms are
 printed beside it as the human-readable summary.
 
-    launch/parity.sh [STEPS] [CONFIG] [key=value ...]          # both runs + the comparison
+    launch/parity.sh [STEPS] [CONFIG] [--stage NAME] [key=value ...]   # both runs + the comparison
+
+An RL stage (`--stage rl_verifiable`, `rl_mixed`: a DAPO / GSPO objective) is compared over one episode: the demo
+counting prompts, the built-in sampler, a dense scripted reward (TokenParityReward: the update is compared, not the
+task), STEPS updates; per-update losses and the first update's gradients as above.
     torchrun ... -m sail_dist.bench.parity run OUT.json CONFIG [key=value ...]
     python -m sail_dist.bench.parity compare GPU.json NPU.json [--loss-rtol 1e-5] [--grad-rtol 1e-5]
 
@@ -37,9 +41,52 @@ def grads_file(out: str) -> str:
     return (out[:-len(".json")] if out.endswith(".json") else out) + ".grads.pt"
 
 
+class TokenParityReward:
+    """The RL parity run's reward: the fraction of even token ids in a completion (texts are the ids, see
+    `run_rl_updates`). Dense and deterministic, so that a tiny random-init policy gets groups with unequal rewards
+    (non-zero advantages) and the updates have something to compare; what is compared is the update, not the task."""
+
+    def score(self, texts: list[str], items: list) -> list:
+        from sail_dist.rl.rewards import RewardResult
+
+        out = []
+        for t in texts:
+            ids = [int(x) for x in t.split()]
+            r = sum(x % 2 == 0 for x in ids) / len(ids) if ids else 0.0
+            out.append(RewardResult(r, {"answer": r}, r > 0.5, True))
+        return out
+
+
+def run_rl_updates(cfg, backend, env) -> tuple[list[dict], dict, str]:
+    """One RL episode of the configured stage (rl.* and the DAPO / GSPO objective as configured; prompts from
+    rl.prompts, the built-in sampler), with TokenParityReward: the per-update stats and the first update's
+    gradients (rank 0), and the engine's OpSet name."""
+    from sail_dist.rl.loop import default_parts, run_rl
+
+    parts = default_parts(cfg)
+    parts.reward, parts.decode = TokenParityReward(), lambda ids: " ".join(str(i) for i in ids)
+    steps, grads, opset = [], {}, ""
+
+    def on_update(engine, step: int, s) -> None:
+        nonlocal grads, opset
+        opset = engine.ops.name
+        if s is None:
+            engine.track_layer_grads = step == 0
+            return
+        if step == 0:
+            grads = engine.layer_grads()
+        steps.append({"loss": s.loss, "grad_norm": s.grad_norm, "aux_loss": s.aux_loss, "skipped": s.skipped})
+
+    run_rl(cfg, backend, env, parts, on_update=on_update)
+    if not steps:
+        raise RuntimeError("RL parity: the episode made no update (every group's rewards were equal); raise "
+                           "rl.group_size or rl.sampling.max_new_tokens")
+    return steps, grads, opset
+
+
 def run(out: str, config: str, overrides: list[str]) -> None:
-    """Train `train.steps` steps with the configured backend; rank 0 writes the losses (OUT.json) and the step-1
-    gradients (OUT.grads.pt)."""
+    """Train `train.steps` steps with the configured backend (an RL stage: one episode of `rl.ppo_updates`
+    updates, `run_rl_updates`); rank 0 writes the losses (OUT.json) and the step-1 gradients (OUT.grads.pt)."""
     from sail_dist.backends.base import get_backend
     from sail_dist.config import load_config
     from sail_dist.data.loader import build_loader
@@ -47,22 +94,29 @@ def run(out: str, config: str, overrides: list[str]) -> None:
 
     from sail_dist.train.batch_plan import resolve_batch
 
+    from sail_dist.stages.rl import POLICY_OBJECTIVES
+
     cfg = load_config(config, overrides)
     backend = get_backend(cfg.backend.name)
     env = backend.setup(cfg)
     try:
-        cfg, _ = resolve_batch(cfg, env.dp_size)  # a stage's batch in samples, as the trainer sizes it
-        loader = build_loader(cfg, dp_rank=env.dp_rank, dp_size=env.dp_size)
-        engine = backend.build(cfg, env)
-        steps, grads = [], {}
-        for step in range(cfg.train.steps):
-            data = next(loader)
-            engine.track_layer_grads = step == 0  # collective recording inside the step
-            s = engine.train_step(data.micro_batches, lr_at(cfg.train, step))
-            if step == 0:
-                grads = engine.layer_grads()  # rank 0; {} elsewhere
-            steps.append({"loss": s.loss, "grad_norm": s.grad_norm, "aux_loss": s.aux_loss, "skipped": s.skipped})
-        loader.close()
+        if cfg.train.objective in POLICY_OBJECTIVES:
+            steps, grads, opset = run_rl_updates(cfg, backend, env)
+        else:
+            cfg, _ = resolve_batch(cfg, env.dp_size)  # a stage's batch in samples, as the trainer sizes it
+            loader = build_loader(cfg, dp_rank=env.dp_rank, dp_size=env.dp_size)
+            engine = backend.build(cfg, env)
+            steps, grads = [], {}
+            for step in range(cfg.train.steps):
+                data = next(loader)
+                engine.track_layer_grads = step == 0  # collective recording inside the step
+                s = engine.train_step(data.micro_batches, lr_at(cfg.train, step))
+                if step == 0:
+                    grads = engine.layer_grads()  # rank 0; {} elsewhere
+                steps.append({"loss": s.loss, "grad_norm": s.grad_norm, "aux_loss": s.aux_loss,
+                              "skipped": s.skipped})
+            loader.close()
+            opset = engine.ops.name
         if env.rank == 0:
             p = cfg.parallel
             layout = ("ZeRO-%d DP %d" % (cfg.backend.zero_stage, env.dp_size) if cfg.backend.name == "gpu" else
@@ -70,7 +124,7 @@ def run(out: str, config: str, overrides: list[str]) -> None:
             torch.save(grads, grads_file(out))
             with open(out, "w") as f:
                 json.dump({"backend": cfg.backend.name, "layout": layout, "world": env.world_size,
-                           "device": env.device_name, "opset": engine.ops.name, "steps": steps,
+                           "device": env.device_name, "opset": opset, "steps": steps,
                            "layer_grads": os.path.basename(grads_file(out))}, f)
     finally:
         backend.teardown()

@@ -123,12 +123,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sail_dist.rl.demo_task", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/demo/rl.yaml")
     p.add_argument("--arith", type=float, default=0.0, help="fraction of text arithmetic prompts (default 0)")
+    p.add_argument("--prompts-only", action="store_true", help="write the prompt files (and the demo data with its "
+                   "tokenizer) and stop: launch/parity.sh --stage rl_* uses them")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. rl.episodes=4")
     args = p.parse_args(argv)
     from sail_dist.config import load_config
     from sail_dist.rl.loop import train_rl
 
     cfg = load_config(args.config, args.overrides)
+    if args.prompts_only:
+        from sail_dist.data.demo import ensure_demo
+
+        ensure_demo(cfg.data.demo_dir)
+        ensure_prompts(cfg, args.arith)
+        print(f"demo RL prompts: {', '.join(s.path for s in (*cfg.rl.prompts, *cfg.rl.eval_prompts))}")
+        return 0
     if cfg.train.init_from and not os.path.isdir(cfg.train.init_from):
         print(f"demo RL: train.init_from={cfg.train.init_from} does not exist: run the demo SFT first "
               "(sail-train --config configs/demo/demo.yaml), or set train.init_from", file=sys.stderr)

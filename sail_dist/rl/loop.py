@@ -33,7 +33,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -337,8 +337,11 @@ def evaluate_policy(cfg: Config, parts: RLParts, gen: SharedGeneration) -> dict:
             "n": len(res)}
 
 
-def run_rl(cfg: Config, backend, env, parts: RLParts | None = None) -> dict:
-    """The loop on a set-up backend (`train_rl` wraps it with setup / teardown)."""
+def run_rl(cfg: Config, backend, env, parts: RLParts | None = None,
+           on_update: Callable[[Any, int, Any], None] | None = None) -> dict:
+    """The loop on a set-up backend (`train_rl` wraps it with setup / teardown). `on_update(engine, step, stats)`
+    is called before each optimizer update with stats None and after it with its StepStats (bench/parity.py
+    records the first update's gradients this way)."""
     rl, t = cfg.rl, cfg.train
     resume = resolve_resume(cfg)
     meta = check_resume_config(resume, cfg) if resume else None
@@ -445,7 +448,11 @@ def run_rl(cfg: Config, backend, env, parts: RLParts | None = None) -> dict:
             t0 = time.perf_counter()
             for u, mbs in enumerate(steps):
                 step = episode * rl.ppo_updates + u
+                if on_update:
+                    on_update(engine, step, None)
                 s = engine.train_step(mbs, lr_at(sched, step))
+                if on_update:
+                    on_update(engine, step, s)
                 upd_stats.append(metrics.log_step(step, s, {"episode": episode + 1}, every=t.log_every))
             t_upd = time.perf_counter() - t0
             train_tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in upd_stats)
