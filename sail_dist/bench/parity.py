@@ -107,14 +107,24 @@ def run(out: str, config: str, overrides: list[str]) -> None:
             loader = build_loader(cfg, dp_rank=env.dp_rank, dp_size=env.dp_size)
             engine = backend.build(cfg, env)
             steps, grads = [], {}
+            adalrs = None  # a stage with the online lr search (pretrain_basic): trials and rollbacks as the trainer
+            if cfg.train.adalrs.enabled:
+                from sail_dist.train.adalrs import AdaLRS
+
+                adalrs = AdaLRS(cfg.train.adalrs, cfg.train, lambda k: lr_at(cfg.train, k), env.rank)
+                adalrs.start_fresh()
             for step in range(cfg.train.steps):
                 data = next(loader)
                 engine.track_layer_grads = step == 0  # collective recording inside the step
-                s = engine.train_step(data.micro_batches, lr_at(cfg.train, step))
+                s = engine.train_step(data.micro_batches, adalrs.lr(step) if adalrs else lr_at(cfg.train, step))
                 if step == 0:
                     grads = engine.layer_grads()  # rank 0; {} elsewhere
                 steps.append({"loss": s.loss, "grad_norm": s.grad_norm, "aux_loss": s.aux_loss,
                               "skipped": s.skipped})
+                if adalrs:
+                    event = adalrs.after_step(step, s.loss, engine)
+                    if event:
+                        steps[-1]["adalrs"] = event
             loader.close()
             opset = engine.ops.name
         if env.rank == 0:
@@ -233,7 +243,15 @@ def compare(gpu: dict, npu: dict, loss_rtol: float = 1e-5, grad_rtol: float = 1e
     # A module that trains must have its first layer compared; a frozen one (a stage's train_modules) has none.
     covered = all(first or not any(k.startswith(prefix) for k in names)
                   for first, prefix in ((first_vit, "vision."), (first_llm, "llm.")))
+    # AdaLRS (pretrain_basic): the trials' decisions, step by step, must be the same on both sides
+    trials = [[(i + 1, st["adalrs"].get("decision")) for i, st in enumerate(run["steps"]) if st.get("adalrs")]
+              for run in (gpu, npu)]
+    summary["adalrs_decisions"] = {"gpu": trials[0], "npu": trials[1]}
+    if trials[0] or trials[1]:
+        lines += ["", f"AdaLRS decisions (step, decision): gpu {trials[0]}, npu {trials[1]}"
+                      f"{'' if trials[0] == trials[1] else '  <-- differ'}"]
     summary["ok"] = bool(loss_rel and names and not missing and not shape_mismatch and covered
+                         and trials[0] == trials[1]
                          and summary["max_loss_rel"] <= loss_rtol and summary["max_grad_rel"] <= grad_rtol)
     lines += ["", f"max loss rel diff {summary['max_loss_rel']:.2e} (tol {loss_rtol:g}) over {len(loss_rel)} steps; "
                   f"max gradient tensor rel diff {summary['max_grad_rel']:.2e} (tol {grad_rtol:g}) at {worst} "

@@ -16,6 +16,7 @@ from typing import Any, Callable
 from sail_dist.config import Config, ConfigError, DataSource, load_config
 from sail_dist.data.records import BadSampleError, BadSampleLog
 from sail_dist.data.samples import SampleBuilder, default_tokenizer_dir
+from sail_dist.model.hf import resolve_hf_dir
 from sail_dist.rl.prompts import PromptItem, load_prompts
 from sail_dist.rollout.engine import RolloutEngine, SamplingParams
 
@@ -26,15 +27,6 @@ class Policy:
     builder: SampleBuilder
     engine: RolloutEngine
     model: Any = None  # the SailVL behind the built-in sampler (None for an injected engine)
-
-
-def resolve_hf_dir(path: str) -> str:
-    """`path` itself when it holds config.json, else `<path>/hf` (a run directory's export)."""
-    for d in (path, os.path.join(path, "hf")):
-        if os.path.isfile(os.path.join(d, "config.json")):
-            return d
-    raise FileNotFoundError(f"--init-from {path!r}: neither it nor {os.path.join(path, 'hf')!r} holds a config.json "
-                            "(give a SAIL-VL2 HF directory, or a run directory whose training exported <out_dir>/hf)")
 
 
 def _tokenizer_dir(cfg: Config, hf_dir: str, tokenizer: str) -> str:
@@ -62,7 +54,7 @@ def load_policy(cfg: Config, init_from: str, tokenizer: str = "",
     from sail_dist.model.build import build_model
     from sail_dist.model.hf import model_config_from_hf
 
-    hf_dir = resolve_hf_dir(init_from)
+    hf_dir = resolve_hf_dir(init_from, what="--init-from")
     arch = model_config_from_hf(hf_dir)
     model_cfg = dataclasses.replace(cfg.model, vit=arch.vit, adapter=arch.adapter, llm=arch.llm)
     cfg = dataclasses.replace(cfg, model=model_cfg)

@@ -50,6 +50,16 @@ class Rule:
     to_hf: Callable[[torch.Tensor], list[torch.Tensor]]
 
 
+def resolve_hf_dir(path: str, what: str = "checkpoint") -> str:
+    """`path` itself when it holds config.json, else `<path>/hf` (a run directory's export): the one rule by which
+    every tool (sail-eval, sail-rl-harvest, sail-soup, ...) takes "an HF directory or a run directory"."""
+    for d in (path, os.path.join(path, "hf")):
+        if os.path.isfile(os.path.join(d, "config.json")):
+            return d
+    raise FileNotFoundError(f"{what} {path!r}: neither it nor {os.path.join(path, 'hf')!r} holds a config.json "
+                            "(give a SAIL-VL2 HF directory, or a run directory whose training exported <out_dir>/hf)")
+
+
 def _same(native: str, hf: str) -> Rule:
     return Rule(native, [hf], lambda ts: ts[0], lambda t: [t])
 

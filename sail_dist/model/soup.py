@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sail_dist.config import flatten_dict
+from sail_dist.model.hf import resolve_hf_dir
 
 DEFAULT_MAX_DISTANCE = 0.3
 _CHUNK = 1 << 18  # elements per read and per float64 norm chunk (the transient on top of the two fp32 buffers)
@@ -122,17 +123,17 @@ def _run_lineage(run_dir: str) -> tuple[str | None, str]:
 
 
 def resolve_input(path: str) -> SoupInput:
-    """An HF export directory, or a run directory (its hf/ export)."""
-    if os.path.isfile(os.path.join(path, "hf", "config.json")):
-        run_dir, hf_dir = path, os.path.join(path, "hf")
-    elif os.path.isfile(os.path.join(path, "config.json")):
-        run_dir, hf_dir = None, path
-        parent = os.path.dirname(os.path.abspath(path))
-        if os.path.basename(os.path.abspath(path)) == "hf" and os.path.exists(os.path.join(parent, "config.yaml")):
-            run_dir = parent  # <run>/hf given directly
-    else:
-        raise SoupError(f"{path}: neither an HF export (config.json + safetensors) nor a run directory with hf/ "
-                        "(a run writes it at its end with train.export_hf=true)")
+    """An HF export directory, or a run directory (its hf/ export): model/hf.py resolve_hf_dir's rule."""
+    try:
+        hf_dir = resolve_hf_dir(path, what="sail-soup input")
+    except FileNotFoundError as e:
+        raise SoupError(f"{e}; a run writes hf/ at its end with train.export_hf=true") from None
+    run_dir = None
+    for cand in (path, os.path.dirname(os.path.abspath(hf_dir))):  # <run>/ given, or <run>/hf given directly
+        if os.path.exists(os.path.join(cand, "config.yaml")) and os.path.abspath(hf_dir) == os.path.join(
+                os.path.abspath(cand), "hf"):
+            run_dir = cand
+            break
     with open(os.path.join(hf_dir, "config.json")) as f:
         config = json.load(f)
     if run_dir is not None:
