@@ -61,6 +61,10 @@ def device_time_breakdown(prof, wall_s: float) -> dict:
     for e in prof.events():
         if e.device_type.name != "CUDA" or e.time_range.elapsed_us() <= 0:
             continue
+        # record_function ranges mirrored on the device timeline ("## Call CompiledFxGraph ...",
+        # "Optimizer.step#..."): spans around kernels, not kernels; counting them would count their kernels twice
+        if getattr(e, "is_user_annotation", False) or e.name.startswith("## ") or "#" in e.name:
+            continue
         sums[kernel_kind(e.name)] += e.time_range.elapsed_us() / 1e3
         spans.append((e.time_range.start, e.time_range.end))
     spans.sort()
