@@ -18,11 +18,12 @@ STEPS="${1:-3}"
 shift || true
 CONFIG=configs/demo/npu_tiny_moe.yaml
 OUT_DIR="${OUT_DIR:-$(mktemp -d -t sail_parity_stages.XXXXXX)}"
+mkdir -p "$OUT_DIR"
 DEMO="${DEMO_DIR:-.cache/sail_dist_demo}"
 DATA="${RECIPE_DATA:-.cache/sail_dist_demo_recipe}"
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || mapfile -t stages < <(python3 -m sail_dist.cli --list-stages | awk '{print $1}')
-python3 -m sail_dist.data.demo_recipe "$DATA" >/dev/null || { echo "parity_stages.sh: could not write $DATA" >&2; exit 1; }
+python3 -m sail_dist.data.demo_recipe "$DATA" "$DEMO" >/dev/null || { echo "parity_stages.sh: could not write $DATA" >&2; exit 1; }
 own_data() {  # the stage's sources in the demo recipe (configs/recipe/demo_stages/*.yaml)
   local tok="data.demo=false data.tokenizer=$DEMO/tokenizer"
   case "$1" in
@@ -54,7 +55,6 @@ for s in "${stages[@]}"; do
   rows+=("{\"stage\": \"$s\", \"summary\": $last}")
   echo "$last" | cut -c1-160 >&2
 done
-mkdir -p "$OUT_DIR"
 printf '%s\n' "${rows[@]}" > "$OUT_DIR/stages.jsonl"
 python3 - "$OUT_DIR/stages.jsonl" <<'PY'
 import json, sys

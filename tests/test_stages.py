@@ -234,6 +234,26 @@ def test_stage_first_steps_agree_on_both_backends(tmp_path, name):
     assert summary["max_loss_rel"] <= 1e-5 and summary["max_grad_rel"] <= 1e-5
 
 
+@pytest.mark.slow
+def test_parity_stages_sh_adalrs_rollback_and_video_mix_agree(tmp_path):
+    """`launch/parity_stages.sh 3 pretrain_basic sft_phase4`: the user's sweep over stages, on two of them that the
+    one-rank test above does not cover: pretrain_basic's AdaLRS (window 3 over 9 steps: a trial, then its decision,
+    taken identically on both backends, and the steps after the rollback within 1e-5) and sft_phase4's image:video
+    1:1 mix (videos through the ViT), ZeRO-2 DP 2 vs PP 2 x EP 2 x DP 2."""
+    require("deepspeed", "megatron.core")
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", os.path.join(ROOT, "launch", "parity_stages.sh"), "3", "pretrain_basic", "sft_phase4"],
+                       cwd=ROOT, env=child_env(OUT_DIR=str(out), DEMO_DIR=str(tmp_path / "demo"),
+                                               RECIPE_DATA=str(tmp_path / "recipe_data")),
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert last["all_ok"] and set(last["stages"]) == {"pretrain_basic", "sft_phase4"}
+    assert last["stages"]["pretrain_basic"]["steps"] == 9
+    basic = json.loads((out / "pretrain_basic.out").read_text().strip().splitlines()[-1])
+    assert basic["adalrs_decisions"]["gpu"] and basic["adalrs_decisions"]["gpu"] == basic["adalrs_decisions"]["npu"]
+
+
 @pytest.mark.parametrize("name", ["demo", "sailvl2_2b", "sailvl2_a3b"])
 def test_shipped_recipes_parse(name):
     from sail_dist.stages.recipe import load_recipe
