@@ -283,3 +283,28 @@ def test_demo_recipe_sources_load_from_a_relative_directory(tmp_path, monkeypatc
         step = next(loader)
     assert step.stats.modality_samples.get("video", 0) > 0 and not step.stats.decode_dropped
     assert sum(mb.num_images for mb in step.micro_batches) > 0
+
+
+def test_demo_recipe_rl_stages_load_their_prompts(tmp_path, monkeypatch):
+    """The demo recipe's RL stages (configs/recipe/demo_stages/rl.yaml): the prompts demo_recipe writes load as
+    verifiable prompts with ground truth, and each stage resolves its loss and reward parts (rl_mixed adds think)."""
+    from sail_dist.data.demo import ensure_demo
+    from sail_dist.data.demo_recipe import prepare
+    from sail_dist.data.samples import SampleBuilder
+    from sail_dist.rl.prompts import load_prompts
+
+    ensure_demo(str(tmp_path / "demo"))
+    monkeypatch.chdir(tmp_path)
+    prepare("recipe_data", str(tmp_path / "demo"))
+    over = [f"data.tokenizer={tmp_path}/demo/tokenizer", "rl.prompts=[{path: recipe_data/rl_train.jsonl}]",
+            "rl.eval_prompts=[{path: recipe_data/rl_eval.jsonl}]", f"data.demo_dir={tmp_path}/demo"]
+    for stage, parts in (("rl_verifiable", {"answer", "format"}), ("rl_mixed", {"answer", "format", "think"})):
+        cfg = load_config(os.path.join(RECIPE_STAGES, "rl.yaml"), over, stage=stage)
+        assert cfg.train.stage == stage and cfg.train.objective == "dapo" and cfg.train.export_hf
+        assert set(cfg.rl.reward.weights) == parts
+    items, bad = load_prompts(cfg, cfg.rl.eval_prompts, SampleBuilder.from_config(cfg, f"{tmp_path}/demo/tokenizer"))
+    assert len(items) == 100 and bad.total == 0 and all(it.answer in {"1", "2", "3", "4", "5"} for it in items)
+    recipe = yaml.safe_load(open(os.path.join(ROOT, "configs", "recipe", "demo.yaml")))
+    order = [s["stage"] for s in recipe["stages"]]
+    assert order.index("longcot_sft") < order.index("rl_verifiable") < order.index("think_fusion_sft") \
+        < order.index("rl_mixed")

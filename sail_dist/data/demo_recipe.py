@@ -6,6 +6,8 @@
   DIR/image.jsonl    its single- and multi-image records (SFT phase 4's image half)
   DIR/video.jsonl    a generated video task: frame folders of a shape moving left or right, "Which way does
                      the <colour> <shape> move?" (SFT phase 4's video half)
+  DIR/rl_train.jsonl, DIR/rl_eval.jsonl   the demo counting prompts with ground truth (sail_dist/rl/demo_task.py;
+                     512 / 100 pictures of 1-5 circles) for the RL stages
 The demo set itself (and its tokenizer) stays where data.demo_dir puts it.
 """
 from __future__ import annotations
@@ -40,7 +42,7 @@ def prepare(root: str, demo_dir: str = ".cache/sail_dist_demo", image_size: int 
     """Write the demo recipe's sources under `root` (skipped when already there); returns `root`."""
     root = os.path.abspath(root)  # the records name their video folders by absolute path
     done = os.path.join(root, "DONE")
-    if os.path.exists(done):
+    if os.path.exists(done) and os.path.exists(os.path.join(root, "rl_eval.jsonl")):  # (older caches lack rl_*)
         return root
     paths = ensure_demo(demo_dir)
     os.makedirs(root, exist_ok=True)
@@ -68,8 +70,14 @@ def prepare(root: str, demo_dir: str = ".cache/sail_dist_demo", image_size: int 
         with open(os.path.join(root, f"{name}.jsonl"), "w") as f:
             for r in recs:
                 f.write(json.dumps(r) + "\n")
+    from sail_dist.rl.demo_task import make_prompts  # the RL stages' verifiable task (a demo of the rl package)
+
+    counts = {name: len(recs) for name, recs in splits.items()}
+    for name, n, rl_seed in (("rl_train", 512, 17), ("rl_eval", 100, 18)):
+        make_prompts(os.path.join(root, f"{name}.jsonl"), n, seed=rl_seed, image_size=image_size)
+        counts[name] = n
     with open(done, "w") as f:
-        json.dump({name: len(recs) for name, recs in splits.items()}, f)
+        json.dump(counts, f)
     return root
 
 

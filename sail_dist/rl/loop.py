@@ -523,7 +523,10 @@ def run_rl(cfg: Config, backend, env, parts: RLParts | None = None,
                "history": history, "eval_before": state["eval_before"], "eval_after": eval_after,
                "context_limit_hits": state["context_total"], "reward_failed": state["reward_failed_total"],
                "empty_rollouts": state["empty_total"], "bad_prompts": parts.bad_prompts,
-               "metrics": os.path.join(t.out_dir, "metrics.jsonl"), "is_main": env.is_main}
+               "metrics": os.path.join(t.out_dir, "metrics.jsonl"), "is_main": env.is_main,
+               # the fields a recipe's summary table reads (sail_dist/stages/recipe.py)
+               "steps": rl.episodes * rl.ppo_updates, "rollouts": sum(h.get("rollouts", 0) for h in history),
+               "final_loss": history[-1]["loss"] if history else None, "eval": eval_after}
     if t.export_hf:
         sd = engine.full_state_dict()
         if env.is_main:

@@ -125,7 +125,7 @@ def run_stage(recipe: Recipe, i: int, stage: RecipeStage, init_from: str) -> tup
 
 def _row(i: int, stage: RecipeStage, out: str, s: dict) -> dict:
     ev = s.get("eval") or {}
-    return {"n": i + 1, "stage": stage.stage, "steps": s.get("steps"), "samples": _samples(out),
+    return {"n": i + 1, "stage": stage.stage, "steps": s.get("steps"), "samples": s.get("rollouts") or _samples(out),
             "final_loss": s.get("final_loss"), "eval": ev.get("accuracy"), "time_s": s.get("wall_s"), "dir": out}
 
 
