@@ -1,6 +1,7 @@
 """Records: both JSONL styles parse; every kind of bad record raises with file:line + reason, or is counted."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -67,6 +68,22 @@ def test_structural_problems_name_file_line_and_reason(tmp_path, reason, line):
         src.record(1)
     assert e.value.reason == reason and e.value.where == f"{path}:2"
     assert f"{path}:2: bad sample ({reason})" in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_invalid_utf8_is_a_bad_sample_not_replacement_characters(tmp_path):
+    """A Latin-1 byte in a line: the record is reported (invalid_utf8, file:line, the byte), never trained on as
+    U+FFFD; the lines around it still parse."""
+    path = str(tmp_path / "d.jsonl")
+    with open(path, "wb") as f:
+        f.write(json.dumps(qa("ok?", "yes")).encode() + b"\n")
+        f.write(json.dumps(qa("caf\u00e9?", "oui")).encode().replace(b"\\u00e9", b"\xe9") + b"\n")
+        f.write(json.dumps(qa("ok?", "yes")).encode() + b"\n")
+    src = JsonlSource(DataSource(path=path), 0)
+    src.record(0)
+    src.record(2)
+    with pytest.raises(BadSample) as e:
+        src.record(1)
+    assert e.value.reason == "invalid_utf8" and e.value.where == f"{path}:2" and "\\xe9" in str(e.value)
 
 
 def _media_cases(root):

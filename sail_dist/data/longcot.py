@@ -35,7 +35,7 @@ import sys
 
 import numpy as np
 
-from sail_dist.data.records import _ASSISTANT, BadSample, BadSampleLog, handle_bad, parse_record
+from sail_dist.data.records import _ASSISTANT, BadSample, BadSampleLog, decode_line, handle_bad, parse_record
 from sail_dist.data.template import apply_think_rules
 
 
@@ -208,13 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with open(tmp, "w") as surv:
             for path in a.inputs:
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    for lineno, line in enumerate(f, 1):
-                        if not line.strip():
+                with open(path, "rb") as f:
+                    for lineno, raw in enumerate(f, 1):
+                        if not raw.strip():
                             continue
                         n_in += 1
                         where = f"{path}:{lineno}"
                         try:
+                            line = decode_line(raw, where)
                             rec = parse_record(line, where, where, os.path.dirname(os.path.abspath(path)))
                             rec, ans = apply_think_rules(rec, a.format)
                         except BadSample as e:

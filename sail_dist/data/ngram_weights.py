@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sail_dist.data.records import BadSample, parse_record
+from sail_dist.data.records import BadSample, decode_line, parse_record
 
 _WORD = re.compile(r"\w+")
 # n-gram hashes (and records) buffered before they are added to the sketch: bounds the buffer, whatever the corpus
@@ -160,7 +160,7 @@ def _records(path: str):
                 continue
             where = f"{path}:{lineno}"
             try:
-                rec = parse_record(raw.decode("utf-8", errors="replace"), where, f"balance:{lineno}", root)
+                rec = parse_record(decode_line(raw, where), where, f"balance:{lineno}", root)
             except BadSample as e:
                 yield lineno, None, e
                 continue

@@ -29,6 +29,7 @@ from sail_dist.config import DataConfig, DataSource
 # reason -> what to do about it (shown in the error message)
 BAD_REASONS: dict[str, str] = {
     "malformed_json": "fix the JSON on that line (one object per line) or delete the line",
+    "invalid_utf8": "re-encode the file as UTF-8 (e.g. `iconv -f LATIN1 -t UTF-8`); the line has bytes that are not",
     "not_an_object": "each line must be a JSON object with `conversations` or `messages`",
     "empty_conversation": "give the record a non-empty `conversations` (or `messages`) list",
     "bad_turn": "each turn needs a role (from/role: human|user|gpt|assistant|system) and a string value/content",
@@ -73,6 +74,15 @@ class BadSample(Exception):
 
     def message(self) -> str:
         return f"{self.where}: bad sample ({self.reason}): {self.detail}. Fix: {BAD_REASONS[self.reason]}"
+
+
+def decode_line(raw: bytes, where: str) -> str:
+    """One JSONL line as text; BadSample (invalid_utf8) for bytes that are not UTF-8, rather than replacement
+    characters that would be trained on (or written out) unnoticed."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadSample("invalid_utf8", where, f"byte {e.start} of the line is {raw[e.start:e.start + 4]!r}") from None
 
 
 class BadSampleError(ValueError):
@@ -376,11 +386,13 @@ class JsonlSource:
         return len(self.offsets)
 
     def read(self, row: int) -> tuple[str, int]:
-        """(text, 1-based line number) of record `row`."""
+        """(text, 1-based line number) of record `row`; raises BadSample (invalid_utf8) for a line that is not
+        UTF-8, rather than training on replacement characters."""
         if self._fh is None:
             self._fh = open(self.path, "rb")
         self._fh.seek(int(self.offsets[row]))
-        return self._fh.readline().decode("utf-8", errors="replace"), int(self.line_numbers[row])
+        lineno = int(self.line_numbers[row])
+        return decode_line(self._fh.readline(), f"{self.path}:{lineno}"), lineno
 
     def record(self, row: int) -> Record:
         """Parse record `row`; raises BadSample."""

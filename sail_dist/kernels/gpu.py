@@ -177,8 +177,11 @@ def make_decode_attention(impl: str = "auto"):
         if impl == "reference" or not q_BHD.is_cuda:
             return ref.decode_attention(q_BHD, k_cache_BSHD, v_cache_BSHD, lengths_B)
         D = q_BHD.shape[-1]
-        if impl == "triton" and D >= 16 and not D & (D - 1):  # the kernel's tiles take power-of-2 head dims
-            return _triton_decode_fn()(q_BHD, k_cache_BSHD, v_cache_BSHD, lengths_B)
+        if impl == "triton":
+            if D >= 16 and not D & (D - 1):  # the kernel's tiles take power-of-2 head dims
+                return _triton_decode_fn()(q_BHD, k_cache_BSHD, v_cache_BSHD, lengths_B)
+            _log_once(f"sail_dist gpu OpSet: decode_attention = sdpa for head_dim {D} (the Triton kernel takes "
+                      "power-of-2 head dims >= 16)")
         half = q_BHD.dtype in (torch.float16, torch.bfloat16) and q_BHD.dtype == k_cache_BSHD.dtype
         if impl == "flash_attn" and half:
             return _decode_attention_flash(q_BHD, k_cache_BSHD, v_cache_BSHD, lengths_B)

@@ -112,9 +112,9 @@ def load_prompts(cfg: Config, sources: list[DataSource], builder: SampleBuilder)
                              "name without .jsonl), so their prompt ids would collide: give one of them `name:`")
         seen[src.name] = src.path
         for row in range(len(src)):
-            text, lineno = src.read(row)
-            where = f"{src.path}:{lineno}"
             try:
+                text, lineno = src.read(row)
+                where = f"{src.path}:{lineno}"
                 items.append(prompt_item(text, where, f"{src.name}:{lineno}", src.media_root, builder, judge,
                                          cfg.rl.sampling.max_context, src.name))
             except BadSample as e:
