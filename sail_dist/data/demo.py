@@ -54,14 +54,14 @@ class DemoPaths:
 
 
 # ------------------------------------------------------------------------------------------- drawing
-def _font(size: int):
+def label_font(size: int):
     try:
         return ImageFont.load_default(size=size)  # Pillow's embedded scalable font (needs FreeType)
     except (TypeError, OSError, ImportError):
         return ImageFont.load_default()
 
 
-def _shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
     x0, y0, x1, y1 = box
     if shape == "circle":
         draw.ellipse(box, fill=fill)
@@ -71,21 +71,21 @@ def _shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int]
         draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
-def _background(rng: random.Random, w: int, h: int) -> Image.Image:
+def background(rng: random.Random, w: int, h: int) -> Image.Image:
     g = rng.randint(225, 250)
     return Image.new("RGB", (w, h), (g, g, g))
 
 
 def _one_shape(rng: random.Random, size: int, shape: str, colour: str) -> Image.Image:
-    img = _background(rng, size, size)
+    img = background(rng, size, size)
     s = rng.randint(size // 2, size * 3 // 4)
     x, y = rng.randint(2, size - s - 2), rng.randint(2, size - s - 2)
-    _shape(ImageDraw.Draw(img), shape, (x, y, x + s, y + s), COLOURS[colour])
+    draw_shape(ImageDraw.Draw(img), shape, (x, y, x + s, y + s), COLOURS[colour])
     return img
 
 
-def _circles(rng: random.Random, size: int, k: int, colour: str) -> Image.Image:
-    img = _background(rng, size, size)
+def circles_picture(rng: random.Random, size: int, k: int, colour: str) -> Image.Image:
+    img = background(rng, size, size)
     draw = ImageDraw.Draw(img)
     cells = rng.sample(range(9), k)  # a 3x3 grid of slots keeps the circles apart
     cell = size // 3
@@ -100,7 +100,7 @@ def _circles(rng: random.Random, size: int, k: int, colour: str) -> Image.Image:
 def _text(rng: random.Random, size: int, text: str) -> Image.Image:
     img = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    font = _font(max(10, size // 3))
+    font = label_font(max(10, size // 3))
     l, t, r, b = draw.textbbox((0, 0), text, font=font)
     x = (size - (r - l)) // 2 - l + rng.randint(-2, 2)
     y = (size - (b - t)) // 2 - t + rng.randint(-2, 2)
@@ -109,12 +109,12 @@ def _text(rng: random.Random, size: int, text: str) -> Image.Image:
 
 
 def _wide(rng: random.Random, size: int, left: tuple[str, str], right: tuple[str, str]) -> Image.Image:
-    img = _background(rng, 2 * size, size)
+    img = background(rng, 2 * size, size)
     draw = ImageDraw.Draw(img)
     for i, (shape, colour) in enumerate((left, right)):
         s = size * 2 // 3
         x, y = i * size + (size - s) // 2, (size - s) // 2
-        _shape(draw, shape, (x, y, x + s, y + s), COLOURS[colour])
+        draw_shape(draw, shape, (x, y, x + s, y + s), COLOURS[colour])
     return img
 
 
@@ -136,7 +136,7 @@ def _make(rng: random.Random, task: str, idx: int, split: str, size: int, out: s
         conv = _conv("<image>\nWhat shape is this?", shape)
     elif task in ("count", "think"):
         k = rng.randint(1, 5)
-        pics.append(_circles(rng, size, k, colour))
+        pics.append(circles_picture(rng, size, k, colour))
         if task == "count":
             conv = _conv("<image>\nHow many circles are there?", str(k))
         else:

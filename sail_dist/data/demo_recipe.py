@@ -19,7 +19,7 @@ import sys
 
 from PIL import ImageDraw
 
-from sail_dist.data.demo import COLOURS, SHAPES, _background, _shape, ensure_demo
+from sail_dist.data.demo import COLOURS, SHAPES, background, draw_shape, ensure_demo
 
 N_VIDEOS = 300
 FRAMES = 4
@@ -27,14 +27,14 @@ FRAMES = 4
 
 def _moving(rng: random.Random, size: int, shape: str, colour: str, right: bool, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    bg = _background(rng, size, size)
+    bg = background(rng, size, size)
     s = size // 4
     y = rng.randint(0, size - s)
     for f in range(FRAMES):
         x = int((f / (FRAMES - 1)) * (size - s))
         img = bg.copy()
-        _shape(ImageDraw.Draw(img), shape, (x if right else size - s - x, y, (x if right else size - s - x) + s, y + s),
-               COLOURS[colour])
+        x0 = x if right else size - s - x
+        draw_shape(ImageDraw.Draw(img), shape, (x0, y, x0 + s, y + s), COLOURS[colour])
         img.save(os.path.join(out_dir, f"frame{f}.png"), compress_level=1)
 
 

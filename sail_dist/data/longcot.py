@@ -35,7 +35,7 @@ import sys
 
 import numpy as np
 
-from sail_dist.data.records import _ASSISTANT, BadSample, BadSampleLog, decode_line, handle_bad, parse_record
+from sail_dist.data.records import ASSISTANT_ROLES, BadSample, BadSampleLog, decode_line, handle_bad, parse_record
 from sail_dist.data.template import apply_think_rules
 
 
@@ -142,7 +142,7 @@ def _last_assistant(obj: dict) -> tuple[list, int, str]:
         ("messages", "role", "content")
     turns = obj[key]
     last = max(i for i, t in enumerate(turns)
-               if str(t.get(role_key, "")).lower() in _ASSISTANT)
+               if str(t.get(role_key, "")).lower() in ASSISTANT_ROLES)
     return turns, last, text_key
 
 

@@ -57,7 +57,7 @@ BAD_REASONS: dict[str, str] = {
 }
 
 _USER = ("human", "user")
-_ASSISTANT = ("gpt", "assistant", "model", "bot")
+ASSISTANT_ROLES = ("gpt", "assistant", "model", "bot")
 _SYSTEM = ("system",)
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
@@ -292,7 +292,7 @@ def parse_record(line: str, where: str, sample_id: str, media_root: str, require
         role = str(t.get(role_key, "")).lower()
         if role in _USER:
             role = "user"
-        elif role in _ASSISTANT:
+        elif role in ASSISTANT_ROLES:
             role = "assistant"
         elif role in _SYSTEM:
             role = "system"

@@ -22,7 +22,7 @@ import sys
 
 from PIL import Image, ImageDraw
 
-from sail_dist.data.demo import COLOURS, _circles, _font
+from sail_dist.data.demo import COLOURS, circles_picture, label_font
 
 QUESTION = "How many circles are there? Think step by step."
 
@@ -43,7 +43,8 @@ def make_prompts(path: str, n: int, seed: int, image_size: int = 112, arith: flo
             else:
                 k = rng.randint(1, 5)
                 rel = f"images/{name}_{i:05d}.png"
-                _circles(rng, image_size, k, rng.choice(list(COLOURS))).save(os.path.join(root, rel), compress_level=1)
+                picture = circles_picture(rng, image_size, k, rng.choice(list(COLOURS)))
+                picture.save(os.path.join(root, rel), compress_level=1)
                 rec = {"id": f"{name}_{i:05d}", "task": "count", "answer": str(k), "image": rel,
                        "conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"}]}
             f.write(json.dumps(rec) + "\n")
@@ -74,7 +75,7 @@ def draw_curve(history: list[dict], before: dict | None, after: dict | None, pat
     W, H, L, B, T, R = 720, 420, 60, 50, 40, 170
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    font = _font(12)
+    font = label_font(12)
     n = max(len(history), 1)
     lo, hi = curve_range(history)
     x_of = lambda e: L + (W - L - R) * (e / n)  # noqa: E731  (episode e in 0..n)
