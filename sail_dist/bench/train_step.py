@@ -165,9 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
            "loss_first": losses[0], "loss_last": losses[-1], "step_times": [round(x, 4) for x in times],
            "first_step_s": times[0], **({"profile_split_ms": profile_split} if profile_split else {})}
     if cfg.train.compile:
-        from torch._dynamo.utils import counters
-
-        from torch._dynamo.utils import compile_times
+        from torch._dynamo.utils import compile_times, counters
 
         if env.is_main:  # where the first step's compilation went (dynamo tracing, AOT, Inductor, Triton), seconds
             print(compile_times(repr="str", aggregate=True))

@@ -70,10 +70,11 @@ def prepare(root: str, demo_dir: str = ".cache/sail_dist_demo", image_size: int 
         with open(os.path.join(root, f"{name}.jsonl"), "w") as f:
             for r in recs:
                 f.write(json.dumps(r) + "\n")
-    from sail_dist.rl.demo_task import make_prompts  # the RL stages' verifiable task (a demo of the rl package)
+    # the RL stages' verifiable task (a demo of the rl package): its two prompt sets, as the RL demo writes them
+    from sail_dist.rl.demo_task import EVAL_SET, TRAIN_SET, make_prompts
 
     counts = {name: len(recs) for name, recs in splits.items()}
-    for name, n, rl_seed in (("rl_train", 512, 17), ("rl_eval", 100, 18)):
+    for name, (n, rl_seed) in (("rl_train", TRAIN_SET), ("rl_eval", EVAL_SET)):
         make_prompts(os.path.join(root, f"{name}.jsonl"), n, seed=rl_seed, image_size=image_size)
         counts[name] = n
     with open(done, "w") as f:

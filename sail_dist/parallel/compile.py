@@ -10,16 +10,12 @@ names are unchanged; `dynamic=True` because packed micro-batches change length e
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 from torch import nn
 
 from sail_dist.model.moe import MoE
-
-
-log = logging.getLogger("sail_dist")
 
 
 def use_compile_cache(cache_dir: str) -> str:
@@ -33,20 +29,19 @@ def use_compile_cache(cache_dir: str) -> str:
             if not os.environ.get(var):
                 os.makedirs(os.path.join(root, sub), exist_ok=True)
                 os.environ[var] = os.path.join(root, sub)
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
-    inductor_config.fx_graph_cache = True
-    functorch_config.enable_autograd_cache = True
-    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir  # (both caches on by default)
 
     return inductor_cache_dir()
 
 
-def _compile(module: nn.Module) -> None:
-    if not getattr(module, "_sail_compiled", False):
-        module.forward = torch.compile(module.forward, dynamic=True)
-        module._sail_compiled = True
+def _compile(obj: nn.Module, name: str = "forward", dynamic: bool | None = True) -> bool:
+    """Replace obj.<name> by its compiled version once (instance attribute: parameter names stay)."""
+    flag = f"_sail_compiled_{name}"
+    if getattr(obj, flag, False):
+        return False
+    setattr(obj, name, torch.compile(getattr(obj, name), dynamic=dynamic))
+    setattr(obj, flag, True)
+    return True
 
 
 def apply_compile(model: nn.Module, vit: bool = True, llm: bool = True) -> int:
@@ -73,13 +68,6 @@ def compile_generation(model: nn.Module) -> int:
     kernels), as in vLLM's piecewise graphs. Default dynamic shapes: the first shape compiles static, the next
     recompiles with the token dimension dynamic, and the sampler's CUDA graph replays the decode step's kernels.
     MoE layers keep their MoE block eager (routing and the expert kernels). Returns how many methods were compiled."""
-    n = 0
     targets = [(layer, "pre_attention") for layer in model.llm.layers]
     targets += [(layer, "post_attention") for layer in model.llm.layers if not isinstance(layer.mlp, MoE)]
-    for obj, name in targets:
-        flag = f"_sail_compiled_{name}"
-        if not getattr(obj, flag, False):
-            setattr(obj, name, torch.compile(getattr(obj, name)))
-            setattr(obj, flag, True)
-            n += 1
-    return n
+    return sum(_compile(obj, name, dynamic=None) for obj, name in targets)

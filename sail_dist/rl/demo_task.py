@@ -52,13 +52,17 @@ def make_prompts(path: str, n: int, seed: int, image_size: int = 112, arith: flo
     return path
 
 
+# The demo's two prompt sets: (prompts, seed) of the training and the held-out files.
+TRAIN_SET, EVAL_SET = (512, 17), (100, 18)
+
+
 def ensure_prompts(cfg, arith: float = 0.0) -> None:
     """The demo's train / held-out prompt files named by the config, generated when missing."""
     size = cfg.model.vit.image_size
-    for i, (sources, n) in enumerate(((cfg.rl.prompts, 512), (cfg.rl.eval_prompts, 100))):
+    for sources, (n, seed) in ((cfg.rl.prompts, TRAIN_SET), (cfg.rl.eval_prompts, EVAL_SET)):
         for s in sources:
             if not os.path.exists(s.path):
-                make_prompts(s.path, n, seed=17 + i, image_size=size, arith=arith)
+                make_prompts(s.path, n, seed=seed, image_size=size, arith=arith)
 
 
 def curve_range(history: list[dict]) -> tuple[float, float]:

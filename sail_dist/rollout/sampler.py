@@ -212,9 +212,8 @@ class Sampler:
     cuda_graphs: replay the decode step as a CUDA graph (None = on CUDA devices; a capture failure then falls
     back to eager with a warning). compile: torch.compile generation's pure pieces (parallel/compile.py
     compile_generation: each layer's norms, projections, RoPE and MLP, in prefill and decode; the decode step's
-    sampling and bookkeeping here), which
-    fuses the element-wise kernels the graph would otherwise replay one by one; the first call of each batch
-    shape pays the compilation. prefill_tokens: token budget of one packed prefill. sync_every: decode
+    sampling and bookkeeping here), which fuses the element-wise kernels the graph would otherwise replay one by
+    one; the first calls pay the compilation. prefill_tokens: token budget of one packed prefill. sync_every: decode
     steps between the host's checks for finished sequences.
     """
 
@@ -239,7 +238,6 @@ class Sampler:
         self._state: _State | None = None
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.last_stats: dict = {}
-        self.compiled = compile
         self._capped: tuple[int, int] | None = None
         self._sample_record = self._sample_record_eager
         if compile:
