@@ -7,8 +7,8 @@
 # micro-batches per step without and with CPU offload (DeepSpeedCPUAdam); all GPUs of the host (when more
 # than one): that pair again with DP = #GPUs, for the scaling efficiency against the 1-GPU pair; 1 GPU: the
 # reduced A3B shape (4 MoE layers, real widths) end to end with loop / grouped_mm / triton experts. PARTS picks
-# parts (default 2b,compile,offload,scale,a3b; also recipe = the offload pair at 16 micro-batches, profile = a
-# profiled step, coldstart = the compiled first step on an empty and then a warm compile cache); BENCH_EXTRA is
+# parts (default 2b,compile,offload,scale,a3b; also recipe = the offload pair at 16 micro-batches, profile /
+# a3b_profile = profiled 2B / reduced-A3B steps with the idle time's sources, coldstart = the compiled first step on an empty and then a warm compile cache); BENCH_EXTRA is
 # appended to every run (e.g. BENCH_EXTRA=train.compile=true).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -18,6 +18,7 @@ mkdir -p "$OUT_DIR"
 sail_detect_gpus || { echo "gpu_benchmarks.sh: no NVIDIA GPU found" >&2; exit 1; }
 ngpu=$NGPU
 PARTS="${PARTS:-2b,compile,offload,scale,a3b}"
+part() { [[ ",$PARTS," == *",$1,"* ]]; }  # PARTS names whole parts: "profile" does not select "a3b_profile"
 bench() {  # bench NAME NPROC args...
   local name="$1" n="$2"; shift 2
   echo "=== $name ($n GPU) ===" >&2
@@ -26,35 +27,38 @@ bench() {  # bench NAME NPROC args...
   tail -3 "$OUT_DIR/$name.err" | grep -iE "error|Traceback" >&2 || true
 }
 TWO_B=(--model configs/model/sailvl2_2b.yaml --seq 8192 --sample-len 2048 --tiles-per-sample 2 --steps 8 --warmup 3)
-case "$PARTS" in *2b*) bench 2b_zero2 1 "${TWO_B[@]}" --micro-batches 4 ;; esac
-case "$PARTS" in *compile*) bench 2b_zero2_compile 1 "${TWO_B[@]}" --micro-batches 4 train.compile=true ;; esac
-case "$PARTS" in *offload*)
+if part 2b; then bench 2b_zero2 1 "${TWO_B[@]}" --micro-batches 4; fi
+if part compile; then bench 2b_zero2_compile 1 "${TWO_B[@]}" --micro-batches 4 train.compile=true; fi
+if part offload; then
   # 8 micro-batches per step (64k tokens per GPU) for both, so the host optimizer step is amortised alike
   bench 2b_zero2_mb8 1 "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2
-  bench 2b_zero2_offload_mb8 1 "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2 --offload cpu ;; esac
-case "$PARTS" in *recipe*)
+  bench 2b_zero2_offload_mb8 1 "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2 --offload cpu; fi
+if part recipe; then
   # 16 micro-batches per GPU per step: SAIL-VL2's pretraining batch (2048 x 8192 tokens) on 128 GPUs
   bench 2b_zero2_mb16 1 "${TWO_B[@]}" --micro-batches 16 --steps 5 --warmup 2
-  bench 2b_zero2_offload_mb16 1 "${TWO_B[@]}" --micro-batches 16 --steps 5 --warmup 2 --offload cpu ;; esac
-case "$PARTS" in *scale*) if [ "$ngpu" -ge 2 ]; then
+  bench 2b_zero2_offload_mb16 1 "${TWO_B[@]}" --micro-batches 16 --steps 5 --warmup 2 --offload cpu; fi
+if part scale; then if [ "$ngpu" -ge 2 ]; then
   # the offload part's pair on every GPU: same micro-batches per GPU, so tokens/s per GPU compare directly
   bench "2b_zero2_mb8_dp$ngpu" "$ngpu" "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2
   bench "2b_zero2_offload_mb8_dp$ngpu" "$ngpu" "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2 --offload cpu
-fi ;; esac
+fi; fi
 A3B=(--model configs/model/sailvl2_a3b.yaml --llm-layers 4 --seq 8192 --sample-len 2048 --tiles-per-sample 1 --steps 6
      --warmup 2 --micro-batches 2 model.vit.num_layers=2)
-case "$PARTS" in *a3b*)
-  for impl in loop grouped_mm triton; do bench "a3b4_$impl" 1 "${A3B[@]}" "backend.moe_impl=$impl"; done ;;
-esac
-case "$PARTS" in *coldstart*)
+if part a3b; then
+  for impl in loop grouped_mm triton; do bench "a3b4_$impl" 1 "${A3B[@]}" "backend.moe_impl=$impl"; done; fi
+if part coldstart; then
   # the first step of train.compile=true on an empty compile cache, then again on the cache the first run filled
   rm -rf "$OUT_DIR/compile_cache"
   for run in cold warm; do
     bench "2b_compile_$run" 1 "${TWO_B[@]}" --micro-batches 4 --steps 3 --warmup 1 train.compile=true \
       "train.compile_cache=$OUT_DIR/compile_cache"
-  done ;; esac
-case "$PARTS" in *profile*)
-  bench 2b_profile 1 "${TWO_B[@]}" --micro-batches 2 --steps 3 --warmup 2 --profile ;; esac
+  done; fi
+# profile / a3b_profile: the last of 5 steps profiled (bench.train_step --profile; the median of steps 3-5 stays a
+# fair step time), the trace beside
+if part profile; then
+  bench 2b_profile 1 "${TWO_B[@]}" --micro-batches 2 --steps 5 --warmup 2 --profile --trace "$OUT_DIR/2b_trace.json.gz"; fi
+if part a3b_profile; then
+  bench a3b4_profile 1 "${A3B[@]}" --steps 5 --profile --trace "$OUT_DIR/a3b_trace.json.gz"; fi
 echo "=== summary ===" >&2
 cat "$OUT_DIR"/*.out | grep '^{"label"' > "$OUT_DIR/all.jsonl"
 python3 - "$OUT_DIR/all.jsonl" <<'PY'
@@ -78,6 +82,7 @@ if "a3b4_loop" in rows and "a3b4_triton" in rows:
 for run in ("cold", "warm"):
     if f"2b_compile_{run}" in rows:
         fig[f"first_step_s_{run}_cache"] = rows[f"2b_compile_{run}"]["first_step_s"]
+        fig[f"build_s_{run}_cache"] = rows[f"2b_compile_{run}"].get("build_s")
 if "a3b4_grouped_mm" in rows and "a3b4_triton" in rows:
     fig["a3b_e2e_speedup_triton_vs_grouped_mm"] = rows["a3b4_grouped_mm"]["step_s"] / rows["a3b4_triton"]["step_s"]
 print(json.dumps({"runs": rows, **fig}))

@@ -212,6 +212,66 @@ def test_bf16_fp32_grad_accumulation_tracks_fp32_reference(tmp_path, offload):
         assert abs(g["loss"] - r) <= 1e-2 * abs(r), (step, g["loss"], r)
 
 
+def _nonfinite_worker() -> None:
+    """torchrun child of the non-finite test (argv: OUT.pt CONFIG overrides...): step 1's loss is NaN on rank 1 only
+    (its final norm's output times NaN); rank 0 saves the step stats, the fp32 master weights after steps 0 and 1, and
+    whether the batched norm / overflow check (backends/gpu/zero_step.py) is installed."""
+    import sys
+
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from sail_dist.backends.base import get_backend
+
+    out_path, config, *overrides = sys.argv[1:]
+    cfg = load_config(config, ["data.demo=true", *overrides])
+    backend = get_backend(cfg.backend.name)
+    env = backend.setup(cfg)
+    engine = backend.build(cfg, env)
+    steps, masters = [], []
+    for step in range(3):
+        hook = None
+        if step == 1 and env.rank == 1:
+            hook = engine.model.llm.norm.register_forward_hook(lambda m, i, o: o * float("nan"))
+        s = engine.train_step(step_batches(cfg, step, env.dp_rank, env.dp_size), lr_at(cfg.train, step))
+        if hook is not None:
+            hook.remove()
+        steps.append({"loss": s.loss, "grad_norm": s.grad_norm, "skipped": s.skipped})
+        masters.append({n: safe_get_full_fp32_param(p).detach().cpu().clone() for n, p in engine.model.named_parameters()})
+    if env.rank == 0:
+        opt = engine.ds.optimizer
+        torch.save({"steps": steps, "masters": masters, "skipped_steps": engine.ds.skipped_steps,
+                    "batched_norm": "get_grad_norm_direct" in vars(opt),
+                    "overflow_check_dropped": "has_overflow" in vars(opt)}, out_path)
+    backend.teardown()
+
+
+@pytest.mark.parametrize("precision,offload", [("fp32", "none"), ("bf16", "none"), ("bf16", "cpu")])
+def test_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(tmp_path, precision, offload):
+    """A NaN in one rank's gradients: every rank skips that update (the weights stay exactly as they were), DeepSpeed
+    counts the skipped step, and the next step trains normally. Without offload this goes through the batched norm
+    (zero_step.py; its norm is checked against the references in the tests above), which in bf16 is also the overflow
+    check (DeepSpeed checks fp32 runs by the norm alone); with offload through DeepSpeed's own check."""
+    import sys
+
+    require("deepspeed")
+    extra = [f"train.precision={precision}"]
+    extra += ["backend.offload_optimizer=cpu", "backend.torch_adam=true"] if offload == "cpu" else []
+    out = tmp_path / "out.pt"
+    cmd = torchrun_cmd(2, "--no-python", sys.executable, "-c", "from test_gpu_backend import _nonfinite_worker; "
+                       "_nonfinite_worker()", str(out), TINY, *COMMON, *extra)
+    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    run = torch.load(out)
+    assert run["batched_norm"] == (offload == "none")
+    assert run["overflow_check_dropped"] == (offload == "none" and precision == "bf16")
+    s0, s1, s2 = run["steps"]
+    assert not s0["skipped"] and s1["skipped"] and not s2["skipped"]
+    assert run["skipped_steps"] == 1
+    m0, m1, m2 = run["masters"]
+    assert all(torch.equal(m1[n], m0[n]) for n in m0)
+    assert any(not torch.equal(m2[n], m1[n]) for n in m1) and all(torch.isfinite(m2[n]).all() for n in m2)
+
+
 def test_more_ranks_than_devices_is_a_clear_error():
     """A node started with more ranks than devices fails naming the fix, not with set_device's bare ordinal error."""
     from sail_dist.backends.base import check_local_device

@@ -12,9 +12,12 @@ with one JSON line.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import logging
 import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -49,6 +52,8 @@ KERNEL_KINDS = {
 
 def kernel_kind(name: str) -> str:
     name = name.lower()
+    if name.startswith("triton_"):  # Inductor's generated kernels: templates are GEMMs, the rest fused element-wise
+        return "matmul" if name.startswith("triton_tem") else "elementwise"  # (names say "_to_copy" for casts)
     return next((k for k, subs in KERNEL_KINDS.items() if any(x in name for x in subs)), "elementwise")
 
 
@@ -82,6 +87,84 @@ def device_time_breakdown(prof, wall_s: float) -> dict:
     return out
 
 
+def _load_trace(path: str) -> list[dict]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return json.load(f)["traceEvents"]
+
+
+def idle_sources(trace_path: str, min_gap_us: float = 5.0, top: int = 15) -> dict:
+    """Where the device's idle time comes from, from a profiled step's Chrome trace: every gap of >= `min_gap_us`
+    between device activities (kernels, memcpy, memset; union over streams) charged to what the host was running
+    when it launched the activity that ends the gap (the launch's enclosing ops on its thread: outermost two and the
+    innermost), and whether that launch came after the gap had begun (the host was late) or before (the device
+    waited on something else)."""
+    events = _load_trace(trace_path)
+    device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    by_thread: dict = {}
+    for e in events:
+        if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e:
+            by_thread.setdefault(e["tid"], []).append(e)
+    gaps: dict[str, list[float]] = {}
+    late = early = 0.0
+    busy_end = None
+    for d in device:
+        gap = d["ts"] - busy_end if busy_end is not None else 0.0
+        if gap >= min_gap_us:
+            launch = launches.get(d.get("args", {}).get("correlation"))
+            if launch is None:
+                key = f"(launch not recorded) {d['name'][:50]}"
+            else:
+                enclosing = [o["name"][:50] for o in by_thread.get(launch["tid"], ())
+                             if o["ts"] <= launch["ts"] <= o["ts"] + o["dur"]]
+                key = " > ".join(enclosing[:2] + ([f"... {enclosing[-1]}"] if len(enclosing) > 2 else [])) or "(no op)"
+                if launch["ts"] > busy_end:
+                    late += gap
+                else:
+                    early += gap
+            acc = gaps.setdefault(key, [0.0, 0])
+            acc[0] += gap / 1e3
+            acc[1] += 1
+        end = d["ts"] + d.get("dur", 0.0)
+        busy_end = end if busy_end is None else max(busy_end, end)
+    ranked = sorted(gaps.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"gap_ms": round(sum(v[0] for v in gaps.values()), 3), "host_late_ms": round(late / 1e3, 3),
+            "device_waiting_ms": round(early / 1e3, 3),
+            "gaps": [{"where": k, "ms": round(v[0], 3), "count": v[1]} for k, v in ranked]}
+
+
+def report_profile(prof, wall_s: float, cuda: bool) -> dict | None:
+    """Print the profiled step's kernel table, its split by kind (device_time_breakdown) and the memory-bound aten
+    ops by input shape; returns the split (None off CUDA)."""
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+    if not cuda:
+        return None
+    split = device_time_breakdown(prof, wall_s)
+    total = sum(v for k, v in split.items() if k != "wall_ms")
+    print(f"profiled step {split['wall_ms']:.0f} ms (stretched by the profiler): " + ", ".join(
+        f"{k} {v:.0f} ms ({100 * v / max(total, 1e-9):.0f}%)" for k, v in split.items() if k != "wall_ms"))
+    # where the memory-bound aten ops come from: the same table by input shapes
+    rows = [e for e in prof.key_averages(group_by_input_shape=True)
+            if e.key in ("aten::copy_", "aten::add_", "aten::mul", "aten::sub", "aten::add")]
+    rows.sort(key=lambda e: -e.self_device_time_total)
+    for e in rows[:20]:
+        print(f"  {e.key:<14}{e.self_device_time_total / 1e3:>9.1f} ms {e.count:>6}x  {str(e.input_shapes)[:110]}")
+    return split
+
+
+def report_idle(trace_path: str) -> dict:
+    """Print and return idle_sources of the profiled step's trace."""
+    idle = idle_sources(trace_path)
+    print(f"idle gaps >= 5 us: {idle['gap_ms']:.0f} ms ({idle['host_late_ms']:.0f} ms with the host late to launch), "
+          "by what the host ran when it launched the activity after the gap:")
+    for r in idle["gaps"]:
+        print(f"  {r['ms']:>8.1f} ms {r['count']:>6}x  {r['where'][:170]}")
+    return idle
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="configs/model/sailvl2_2b.yaml")
@@ -97,18 +180,24 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--label", default="")
     p.add_argument("--profile", action="store_true", help="profile the last step (torch.profiler) and print the "
                    "top kernels by device time")
+    p.add_argument("--trace", default="", help="with --profile: where to write the profiled step's Chrome trace "
+                   "(gzipped when the name ends in .gz; default a temporary file)")
     p.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
+    # the engine's and the compile workers' log lines (stderr; stdout ends with the JSON line)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     over = ["data.demo=true", f"train.steps={a.steps}", f"train.micro_batches={a.micro_batches}", "train.lr=1e-5",
             f"backend.name={a.backend}", f"backend.offload_optimizer={a.offload}", "train.out_dir=/tmp/sail_bench",
             *([f"model.llm.num_layers={a.llm_layers}"] if a.llm_layers else []), *a.overrides]
     cfg = load_config(a.model, over)
     backend = get_backend(cfg.backend.name)
     env = backend.setup(cfg)
+    t_build = time.perf_counter()
     engine = backend.build(cfg, env)
+    build_s = time.perf_counter() - t_build
     times, losses = [], []
     flops_step = 0.0
-    profile_split = None
+    profile_split = profile_idle = None
     for step in range(a.steps):
         mbs = [micro_batch(cfg, a.seq, a.sample_len, a.tiles_per_sample, seed=(step * env.dp_size + env.dp_rank) * 97 + m)
                for m in range(a.micro_batches)]
@@ -131,21 +220,11 @@ def main(argv: list[str] | None = None) -> dict:
             prof_wall = time.perf_counter() - t0
             prof.__exit__(None, None, None)
             if env.is_main:
-                key = "self_cuda_time_total" if env.device.type == "cuda" else "self_cpu_time_total"
-                print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+                profile_split = report_profile(prof, prof_wall, env.device.type == "cuda")
+                trace = a.trace or os.path.join(tempfile.mkdtemp(), "trace.json")
+                prof.export_chrome_trace(trace)
                 if env.device.type == "cuda":
-                    split = device_time_breakdown(prof, prof_wall)
-                    total = sum(v for k, v in split.items() if k != "wall_ms")
-                    print(f"profiled step {split['wall_ms']:.0f} ms (stretched by the profiler): " + ", ".join(
-                        f"{k} {v:.0f} ms ({100 * v / max(total, 1e-9):.0f}%)" for k, v in split.items()
-                        if k != "wall_ms"))
-                    profile_split = split
-                    # where the memory-bound aten ops come from: the same table by input shapes
-                    rows = [e for e in prof.key_averages(group_by_input_shape=True)
-                            if e.key in ("aten::copy_", "aten::add_", "aten::mul", "aten::sub", "aten::add")]
-                    rows.sort(key=lambda e: -e.self_device_time_total)
-                    for e in rows[:20]:
-                        print(f"  {e.key:<14}{e.self_device_time_total / 1e3:>9.1f} ms {e.count:>6}x  {str(e.input_shapes)[:110]}")
+                    profile_idle = report_idle(trace)
         if dist.is_initialized():
             dist.barrier()
         times.append(time.perf_counter() - t0)
@@ -163,14 +242,18 @@ def main(argv: list[str] | None = None) -> dict:
            "tokens_per_s": tokens_dev * env.world_size, "tokens_per_s_per_device": tokens_dev,
            "mfu": mfu, "tflops_per_device": flops_step / dt / 1e12, "peak_mem_gib": mem,
            "loss_first": losses[0], "loss_last": losses[-1], "step_times": [round(x, 4) for x in times],
-           "first_step_s": times[0], **({"profile_split_ms": profile_split} if profile_split else {})}
+           "build_s": build_s, "first_step_s": times[0], **({"profile_split_ms": profile_split} if profile_split else {}),
+           **({"profile_idle": profile_idle} if profile_idle else {})}
     if cfg.train.compile:
         from torch._dynamo.utils import compile_times, counters
 
         if env.is_main:  # where the first step's compilation went (dynamo tracing, AOT, Inductor, Triton), seconds
             print(compile_times(repr="str", aggregate=True))
         res["dynamo"] = {"unique_graphs": counters["stats"]["unique_graphs"],
+                         # hits / misses / bypasses of the compile caches (train.compile_cache)
+                         **{k: v for c in ("inductor", "aot_autograd") for k, v in counters[c].items() if "cache" in k},
                          "graph_breaks": sum(counters["graph_break"].values()),
+                         "graph_break_reasons": [str(r)[:200] for r in list(counters["graph_break"])[:5]],
                          "recompiles_over_limit": counters["stats"].get("cache_size_limit", 0)}
     if env.is_main:
         print(f"{'label':<32}{'GPUs':>5}{'step s':>9}{'tok/s/dev':>11}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}")

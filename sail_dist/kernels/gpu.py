@@ -62,26 +62,28 @@ def _flash_attention(q, k, v, cu_seqlens, max_seqlen, causal):
     return fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, causal=causal)
 
 
-@functools.cache
-def _varlen_params() -> frozenset:
-    return frozenset(inspect.signature(_torch_varlen_fn()).parameters)
-
-
-def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal):
-    params = _varlen_params()
-    kwargs = {}
+def _make_torch_varlen_attention():
+    """torch's varlen attention with its keyword spelling resolved here, once: inspecting the signature inside the
+    attention call broke the graph of every compiled layer around it (dynamo cannot trace inspect.signature)."""
+    fn = _torch_varlen_fn()
+    params = frozenset(inspect.signature(fn).parameters)
     # torch 2.10 spelled causality `is_causal`; later versions take a (left, right) window instead.
-    if "window_size" in params:
-        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
-    else:
-        kwargs["is_causal"] = causal
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in params:
-            kwargs["enable_gqa"] = True
+    windowed, gqa = "window_size" in params, "enable_gqa" in params
+
+    def attention(q, k, v, cu_seqlens, max_seqlen, causal):
+        if windowed:
+            kwargs = {"window_size": (-1, 0) if causal else (-1, -1)}
         else:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return _torch_varlen_fn()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+            kwargs = {"is_causal": causal}
+        if q.shape[1] != k.shape[1]:
+            if gqa:
+                kwargs["enable_gqa"] = True
+            else:
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+    return attention
 
 
 def _resolve_attention(attention_impl: str) -> str:
@@ -104,7 +106,8 @@ def make_attention(attention_impl: str = "auto"):
     """attention(q[T,Hq,D], k, v, cu_seqlens, max_seqlen, causal) on the chosen kernel; the reference
     for CPU tensors and for dtypes the flash kernels lack (fp32)."""
     impl = _resolve_attention(attention_impl)
-    fast = {"flash_attn": _flash_attention, "torch_varlen": _torch_varlen_attention}.get(impl)
+    fast = (_flash_attention if impl == "flash_attn" else _make_torch_varlen_attention() if impl == "torch_varlen"
+            else None)
     _log_once(f"sail_dist gpu OpSet: attention = {impl}")
 
     def attention(q, k, v, cu_seqlens, max_seqlen, causal):

@@ -38,5 +38,8 @@ class Adapter(nn.Module):
     def forward(self, feats_PD: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
         """ViT features [P, Dv] -> LLM vision tokens [P / s^2, D_llm]."""
         idx = pixel_shuffle_index(grid_hw, self.s).to(feats_PD.device)
-        merged_NC = feats_PD[idx].reshape(-1, feats_PD.shape[1] * self.s ** 2)
+        return self.project(feats_PD[idx].reshape(-1, feats_PD.shape[1] * self.s ** 2))
+
+    def project(self, merged_NC: torch.Tensor) -> torch.Tensor:
+        """The MLP on merged tokens (what train.compile compiles: the index above is host work over the grids)."""
         return self.fc2(self.act(self.fc1(self.norm(merged_NC))))

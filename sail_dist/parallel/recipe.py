@@ -19,7 +19,7 @@ from sail_dist.kernels.opset import OpSet
 from sail_dist.model.build import build_model
 from sail_dist.model.sailvl import SailVL
 from sail_dist.parallel.checkpointing import apply_activation_checkpointing
-from sail_dist.parallel.compile import apply_compile, use_compile_cache
+from sail_dist.parallel.compile import apply_compile, start_compile_workers, use_compile_cache
 from sail_dist.parallel.freeze import apply_freeze
 
 
@@ -46,6 +46,7 @@ def build_train_model(cfg: Config, ops: OpSet, *, aux_loss_weight: float,
     trainable = apply_freeze(model, t.train_modules)
     if t.compile:
         use_compile_cache(t.compile_cache)
+        start_compile_workers()
         apply_compile(model)
     apply_activation_checkpointing(model, t.activation_checkpointing.vit, t.activation_checkpointing.llm)
     apply_moe_hooks(model, aux_loss_weight, reduce_counts)

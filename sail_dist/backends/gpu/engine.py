@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from sail_dist.backends.base import (DistEnv, LayerGradRecorder, TrainStepStats, all_reduce_sum, check_micro_batches,
                                     model_dtype)
+from sail_dist.backends.gpu import zero_step
 from sail_dist.config import Config
 from sail_dist.data.batch import PackedBatch
 from sail_dist.kernels import opset_for_backend
@@ -83,8 +84,10 @@ class DeepSpeedEngine(LayerGradRecorder):
                                     fused=fused, foreach=None if fused else True)
             self.ds, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=opt,
                                                                  config=self.ds_config)
-        log.info("GPU backend: ZeRO-%d, %s, opset=%s, offload=%s, trainable=%s", cfg.backend.zero_stage,
-                 self.dtype, self.ops.name, cfg.backend.offload_optimizer, self.trainable)
+        batched = cfg.backend.zero_stage in (1, 2) and zero_step.install(self.ds.optimizer)
+        log.info("GPU backend: ZeRO-%d, %s, opset=%s, offload=%s, trainable=%s, batched norm/overflow check=%s",
+                 cfg.backend.zero_stage, self.dtype, self.ops.name, cfg.backend.offload_optimizer, self.trainable,
+                 batched)
 
     def _ds_config(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
@@ -125,17 +128,22 @@ class DeepSpeedEngine(LayerGradRecorder):
         # [objective, aux loss / M, objective metrics...]: shares summed here and over DP below
         sums = torch.zeros(2 + len(obj.metrics), dtype=torch.float64, device=self.env.device)
         counts, flops, tokens, samples = None, 0.0, 0, 0
-        if cuda:  # all of the step's (small) batches queued up front, without stalls
-            batches = [mb.pin_memory().to(self.env.device) for mb in micro_batches]
-        else:
-            batches = [mb.to(self.env.device) for mb in micro_batches]
-        for i, (mb, batch) in enumerate(zip(micro_batches, batches)):
+        def to_device(mb: PackedBatch) -> PackedBatch:  # pinned: the copy neither blocks nor waits for the queue
+            return mb.pin_memory().to(self.env.device) if cuda else mb.to(self.env.device)
+
+        nxt = to_device(micro_batches[0])
+        for i, mb in enumerate(micro_batches):
+            batch = nxt
             out = self.ds(batch)
             share = obj.loss(out, batch)
             self.ds.backward(share.loss * scale)
+            if i + 1 < M:  # the next one pinned and queued while the device still runs this backward
+                nxt = to_device(micro_batches[i + 1])
             if self.track_layer_grads and i == len(micro_batches) - 1:
                 self.last_layer_grads = self._layer_grads()  # reduced, before clipping and the step
             self.ds.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            if i == len(micro_batches) - 1 and self.cfg.backend.zero_stage in (1, 2):
+                zero_step.clear_after_skipped_step(self.ds.optimizer)
             sums[0] += share.loss.detach().double()
             for j, name in enumerate(obj.metrics):
                 sums[2 + j] += share.metrics[name].detach().double()
