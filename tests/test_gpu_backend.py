@@ -75,6 +75,18 @@ def test_zero2_two_ranks_equal_reference(tmp_path, offload):
     assert ref[-1] < ref[0]  # it trains
 
 
+def _run_worker(worker: str, tmp_path, args: list[str]) -> dict:
+    """Run this file's `worker` function on 2 ranks under torchrun (argv: OUT.pt args...); its saved results."""
+    import sys
+
+    out = tmp_path / "out.pt"
+    cmd = torchrun_cmd(2, "--no-python", sys.executable, "-c", f"from test_gpu_backend import {worker}; {worker}()",
+                       str(out), *args)
+    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return torch.load(out)
+
+
 def _bf16_worker() -> None:
     """torchrun child of the bf16 test (`python -c`, argv: OUT.pt CONFIG overrides...): the engine over step_batches;
     rank 0 saves the per-step stats and every parameter's fp32 master weight (DeepSpeed's partitions, gathered)."""
@@ -176,18 +188,11 @@ def test_bf16_fp32_grad_accumulation_tracks_fp32_reference(tmp_path, offload):
     step 4. A 10 % wrong lr moves the step-0 updates by 9e-2 and the losses by 6e-4, dropped weight decay the
     step-0 updates of the ViT's matrices by 2e-3, a parameter left stale its updates by 1. Against the fp32
     reference: the step-0 gradient norm and the losses to 1e-2 (bf16 precision)."""
-    import sys
-
     require("deepspeed")
     extra = ["train.precision=bf16", "backend.grad_accum_dtype=fp32", "train.micro_batches=4"]
     if offload == "cpu":
         extra += ["backend.offload_optimizer=cpu", "backend.torch_adam=true"]
-    out = tmp_path / "out.pt"
-    cmd = torchrun_cmd(2, "--no-python", sys.executable, "-c", "from test_gpu_backend import _bf16_worker; "
-                       "_bf16_worker()", str(out), TINY, *COMMON, *extra)
-    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    run = torch.load(out)
+    run = _run_worker("_bf16_worker", tmp_path, [TINY, *COMMON, *extra])
     got = run["steps"]
     assert len(got) == 5 and not any(s["skipped"] for s in got)
     assert set(run["dtypes"].values()) == {"torch.bfloat16"}
@@ -251,17 +256,10 @@ def test_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(tmp_path, prec
     counts the skipped step, and the next step trains normally. Without offload this goes through the batched norm
     (zero_step.py; its norm is checked against the references in the tests above), which in bf16 is also the overflow
     check (DeepSpeed checks fp32 runs by the norm alone); with offload through DeepSpeed's own check."""
-    import sys
-
     require("deepspeed")
     extra = [f"train.precision={precision}"]
     extra += ["backend.offload_optimizer=cpu", "backend.torch_adam=true"] if offload == "cpu" else []
-    out = tmp_path / "out.pt"
-    cmd = torchrun_cmd(2, "--no-python", sys.executable, "-c", "from test_gpu_backend import _nonfinite_worker; "
-                       "_nonfinite_worker()", str(out), TINY, *COMMON, *extra)
-    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    run = torch.load(out)
+    run = _run_worker("_nonfinite_worker", tmp_path, [TINY, *COMMON, *extra])
     assert run["batched_norm"] == (offload == "none")
     assert run["overflow_check_dropped"] == (offload == "none" and precision == "bf16")
     s0, s1, s2 = run["steps"]

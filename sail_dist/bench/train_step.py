@@ -221,10 +221,11 @@ def main(argv: list[str] | None = None) -> dict:
             prof.__exit__(None, None, None)
             if env.is_main:
                 profile_split = report_profile(prof, prof_wall, env.device.type == "cuda")
-                trace = a.trace or os.path.join(tempfile.mkdtemp(), "trace.json")
-                prof.export_chrome_trace(trace)
-                if env.device.type == "cuda":
-                    profile_idle = report_idle(trace)
+                if a.trace or env.device.type == "cuda":  # (the idle analysis reads the trace)
+                    trace = a.trace or os.path.join(tempfile.mkdtemp(), "trace.json")
+                    prof.export_chrome_trace(trace)
+                    if env.device.type == "cuda":
+                        profile_idle = report_idle(trace)
         if dist.is_initialized():
             dist.barrier()
         times.append(time.perf_counter() - t0)

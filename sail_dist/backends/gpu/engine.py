@@ -142,8 +142,6 @@ class DeepSpeedEngine(LayerGradRecorder):
             if self.track_layer_grads and i == len(micro_batches) - 1:
                 self.last_layer_grads = self._layer_grads()  # reduced, before clipping and the step
             self.ds.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            if i == len(micro_batches) - 1 and self.cfg.backend.zero_stage in (1, 2):
-                zero_step.clear_after_skipped_step(self.ds.optimizer)
             sums[0] += share.loss.detach().double()
             for j, name in enumerate(obj.metrics):
                 sums[2 + j] += share.metrics[name].detach().double()

@@ -12,7 +12,7 @@ also drops the test that turns a non-finite norm into a skipped step.
 - the separate overflow check is dropped: a partition holding an inf or NaN makes its norm non-finite, which
   DeepSpeed's step already tests right after the norm (`is_invalid_grad_norm`, while `check_grad_overflow` is on) and
   turns into the same skipped step. The norm is all-reduced over data parallel, so every rank decides alike.
-`clear_after_skipped_step` works around a DeepSpeed 0.19 bug found by this project's tests: with CPU offload and the
+`install` also works around a DeepSpeed 0.19 bug found by this project's tests: with CPU offload and the
 fp32 device-side gradient accumulation (`grad_accum_dtype: fp32`), a skipped (non-finite) step leaves the inf/NaN in
 the fp32 partition buffer, so every later step is skipped too; the non-offload path drops the buffer, as we do here.
 
@@ -53,9 +53,28 @@ def _no_separate_overflow_check(self, partition_gradients=True):
     return False  # the non-finite norm is the check (module docstring)
 
 
+def _clear_after_skipped_step(zero_optimizer) -> None:
+    """After an optimizer step that DeepSpeed skipped for a non-finite gradient: drop the accumulated gradient
+    partitions, as DeepSpeed's own non-offload path does (module docstring)."""
+    grads = getattr(zero_optimizer, "averaged_gradients", None)
+    if getattr(zero_optimizer, "overflow", False) and isinstance(grads, dict):
+        for k in grads:
+            grads[k] = None
+
+
 def install(zero_optimizer) -> bool:
-    """Replace the two loops on DeepSpeed's ZeRO-1/2 optimizer (the engine's `ds.optimizer`); False (nothing changed)
-    where a precondition does not hold or DeepSpeed's internals differ from the version this was written against."""
+    """Patch DeepSpeed's ZeRO-1/2 optimizer (the engine's `ds.optimizer`): always the clearing after a skipped step
+    (its `step` is wrapped); the two loops replaced where the preconditions hold. Returns whether the loops were
+    replaced (False: DeepSpeed's own, e.g. with offload or where its internals differ from the version this was
+    written against)."""
+    step = zero_optimizer.step
+
+    def step_then_clear(*args, **kwargs):
+        out = step(*args, **kwargs)
+        _clear_after_skipped_step(zero_optimizer)
+        return out
+
+    zero_optimizer.step = step_then_clear
     needed = ("get_grad_norm_direct", "has_overflow", "check_grad_overflow", "compute_grad_norm", "cpu_offload",
               "dp_process_group", "_model_parallel_all_reduce", "model_parallel_rank")
     missing = [n for n in needed if not hasattr(zero_optimizer, n)]
@@ -67,16 +86,4 @@ def install(zero_optimizer) -> bool:
     zero_optimizer.get_grad_norm_direct = types.MethodType(_grad_norm_direct, zero_optimizer)
     if zero_optimizer.check_grad_overflow:  # (only then does the step test the norm itself)
         zero_optimizer.has_overflow = types.MethodType(_no_separate_overflow_check, zero_optimizer)
-    return True
-
-
-def clear_after_skipped_step(zero_optimizer) -> bool:
-    """After an optimizer step that DeepSpeed skipped for a non-finite gradient: drop the accumulated gradient
-    partitions, as DeepSpeed's own non-offload path does (module docstring); True if the step was skipped."""
-    if not getattr(zero_optimizer, "overflow", False):
-        return False
-    grads = getattr(zero_optimizer, "averaged_gradients", None)
-    if isinstance(grads, dict):
-        for k in grads:
-            grads[k] = None
     return True
