@@ -8,7 +8,8 @@
 # than one): that pair again with DP = #GPUs, for the scaling efficiency against the 1-GPU pair; 1 GPU: the
 # reduced A3B shape (4 MoE layers, real widths) end to end with loop / grouped_mm / triton experts. PARTS picks
 # parts (default 2b,compile,offload,scale,a3b; also recipe = the offload pair at 16 micro-batches, profile /
-# a3b_profile = profiled 2B / reduced-A3B steps with the idle time's sources, coldstart = the compiled first step on an empty and then a warm compile cache); BENCH_EXTRA is
+# a3b_profile = profiled 2B / reduced-A3B steps with the idle time's sources, eager_torch = the 2b run with
+# backend.kernels.elementwise=false, coldstart = the compiled first step on an empty and then a warm compile cache); BENCH_EXTRA is
 # appended to every run (e.g. BENCH_EXTRA=train.compile=true).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -28,6 +29,8 @@ bench() {  # bench NAME NPROC args...
 }
 TWO_B=(--model configs/model/sailvl2_2b.yaml --seq 8192 --sample-len 2048 --tiles-per-sample 2 --steps 8 --warmup 3)
 if part 2b; then bench 2b_zero2 1 "${TWO_B[@]}" --micro-batches 4; fi
+# eager_torch: the 2b run with the norms / RoPE / SwiGLU as torch ops instead of the Triton kernels (the anchor)
+if part eager_torch; then bench 2b_zero2_torch_elementwise 1 "${TWO_B[@]}" --micro-batches 4 backend.kernels.elementwise=false; fi
 if part compile; then bench 2b_zero2_compile 1 "${TWO_B[@]}" --micro-batches 4 train.compile=true; fi
 if part offload; then
   # 8 micro-batches per step (64k tokens per GPU) for both, so the host optimizer step is amortised alike
@@ -83,6 +86,8 @@ for run in ("cold", "warm"):
     if f"2b_compile_{run}" in rows:
         fig[f"first_step_s_{run}_cache"] = rows[f"2b_compile_{run}"]["first_step_s"]
         fig[f"build_s_{run}_cache"] = rows[f"2b_compile_{run}"].get("build_s")
+if "2b_zero2" in rows and "2b_zero2_torch_elementwise" in rows:
+    fig["eager_speedup_triton_elementwise"] = rows["2b_zero2_torch_elementwise"]["step_s"] / rows["2b_zero2"]["step_s"]
 if "a3b4_grouped_mm" in rows and "a3b4_triton" in rows:
     fig["a3b_e2e_speedup_triton_vs_grouped_mm"] = rows["a3b4_grouped_mm"]["step_s"] / rows["a3b4_triton"]["step_s"]
 print(json.dumps({"runs": rows, **fig}))

@@ -516,15 +516,16 @@ class ParallelConfig:
 # ----------------------------------------------------------------------------------------------- backend
 @dataclass(frozen=True)
 class KernelConfig:
-    """Switches of the GPU OpSet's Triton MoE experts (`backend.moe_impl: triton`), table in docs/gpu.md. The
-    defaults are the measured-fastest paths (BENCHMARKS.md); each `false` keeps a slower path for comparison
-    and tests. Frozen: the OpSet hands this object to the kernels as it is."""
+    """Switches of the GPU OpSet's Triton kernels (the MoE experts' with `backend.moe_impl: triton`), table in
+    docs/gpu.md. The defaults are the measured-fastest paths (BENCHMARKS.md); each `false` keeps a slower path for
+    comparison and tests. Frozen: the OpSet hands this object to the kernels as it is."""
 
     moe_autotune: bool = True  # autotune each Triton GEMM's tile config per shape; false: each list's first config
     moe_weight_tma: bool = True  # gate_up weight tiles through TMA on Hopper+; false: pointer loads
     moe_grouped_mm: bool = True  # GEMMs without a fused epilogue on torch._grouped_mm; false: every GEMM in Triton
     moe_fused_route: bool = True  # routing after the sort in one Triton kernel; false: torch ops
     moe_gather_kernel: bool = True  # row gathers in a Triton kernel; false: index_select
+    elementwise: bool = True  # RMSNorm, RoPE, SwiGLU as one Triton kernel each way outside compiled code; false: torch
 
 
 @dataclass

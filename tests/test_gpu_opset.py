@@ -105,12 +105,21 @@ def test_kernel_switches_from_the_config():
 
 
 @parent_only
-def test_pointwise_ops_are_the_reference():
-    """rms_norm / rope / swiglu ARE the reference's functions (fused per block by train.compile, not per op): the
-    binding, not the numerics, which the reference's own tests cover."""
+def test_pointwise_ops_off_cuda_are_the_reference():
+    """rms_norm / rope / swiglu: with `backend.kernels.elementwise: false` the reference's functions themselves; with
+    the Triton kernels on (the default), CPU tensors outside the interpreter still get the reference's exact values.
+    The kernels' numerics: tests/test_triton_elementwise.py."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(6, 4, 16, generator=g), torch.randn(16, generator=g)
+    cos, sin = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
     for impl in gpu.MOE_IMPLS:
-        ops = get_opset("gpu", moe_impl=impl)
-        assert ops.rms_norm is ref.rms_norm and ops.rope is ref.rope and ops.swiglu is ref.swiglu
+        off = get_opset("gpu", moe_impl=impl, kernels=KernelConfig(elementwise=False))
+        assert off.rms_norm is ref.rms_norm and off.rope is ref.rope and off.swiglu is ref.swiglu
+        on = get_opset("gpu", moe_impl=impl)
+        assert on.rms_norm is not ref.rms_norm
+        assert torch.equal(on.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6))
+        assert torch.equal(on.rope(x, cos, sin), ref.rope(x, cos, sin))
+        assert torch.equal(on.swiglu(x), ref.swiglu(x))
 
 
 @parent_only

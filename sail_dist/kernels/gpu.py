@@ -8,9 +8,11 @@
 Every op also accepts CPU tensors (tests, CPU CI): attention then runs the reference, and the Triton
 experts and the cross-entropy's Triton row kernels fall back to torch, unless the process runs Triton's
 interpreter (TRITON_INTERPRET=1 from before triton's import). The loop / grouped_mm experts are plain torch
-and run anywhere (torch._grouped_mm wants 16-byte-aligned rows). rms_norm / rope / swiglu are the eager
-reference versions: `train.compile=true` fuses them with their neighbours per block (sail_dist/parallel/compile.py),
-which measured better than fusing each op alone could. Measured figures: BENCHMARKS.md.
+and run anywhere (torch._grouped_mm wants 16-byte-aligned rows). rms_norm / rope / swiglu run as one Triton kernel
+each way (sail_dist/kernels/triton/{rms_norm,rope,swiglu}.py; `backend.kernels.elementwise`) in eager code, and as
+the reference's torch ops inside code that torch.compile traces (`train.compile=true`), which fuses them with their
+neighbours per block (sail_dist/parallel/compile.py): an opaque kernel there would stop that fusion. Measured
+figures: BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -271,6 +273,41 @@ _MOE = {"triton": moe_experts_triton, "grouped_mm": moe_experts_grouped_mm, "loo
 
 
 # --------------------------------------------------------------------------------------------------
+# RMSNorm, RoPE, SwiGLU: a Triton kernel each way in eager code, the reference's ops under torch.compile
+# --------------------------------------------------------------------------------------------------
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fused_elementwise(name: str, reference):
+    """`name` from sail_dist/kernels/triton/<name>.py for CUDA tensors (or CPU ones in Triton's interpreter) outside
+    torch.compile; the reference inside traced code (Inductor fuses it there), for other dtypes, and on CPU."""
+    def op(x, *args):
+        if torch.compiler.is_compiling() or x.dtype not in _FUSED_DTYPES or not (x.is_cuda or interpreting()):
+            return reference(x, *args)
+        kernel = _elementwise_kernel(name)
+        if kernel is None:
+            return reference(x, *args)
+        return kernel(x, *args)
+
+    op.__name__ = name
+    return op
+
+
+@functools.cache
+def _elementwise_kernel(name: str):
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"sail_dist.kernels.triton.{name}")
+    except ImportError:  # no triton
+        _log_once(f"sail_dist gpu OpSet: {name} -> reference (triton is not importable)")
+        return None
+    if not torch.cuda.is_available() and not mod.INTERPRET:  # (kernels compiled for the GPU cannot take CPU tensors)
+        return None
+    return getattr(mod, name)
+
+
+# --------------------------------------------------------------------------------------------------
 # Cross-entropy with the lm-head inside (kernels/linear_cross_entropy.py), Triton row kernels on CUDA
 # --------------------------------------------------------------------------------------------------
 def _ce_row_ops(x: torch.Tensor) -> RowOps:
@@ -301,6 +338,11 @@ def opset(moe_impl: str = "triton", attention_impl: str = "auto", kernels: Kerne
         raise ValueError(f"moe_impl={moe_impl!r}; choose one of {MOE_IMPLS}")
     _log_once(f"sail_dist gpu OpSet: moe_experts = {moe_impl}")
     experts = functools.partial(moe_experts_triton, opts=kernels) if moe_impl == "triton" else _MOE[moe_impl]
-    return OpSet(f"gpu[{moe_impl}]", attention=make_attention(attention_impl), rms_norm=ref.rms_norm,
-                 rope=ref.rope, swiglu=ref.swiglu, moe_experts=experts, cross_entropy=cross_entropy,
-                 decode_attention=make_decode_attention(decode_attention_impl))
+    if kernels.elementwise:
+        norm_ops = {n: _fused_elementwise(n, getattr(ref, n)) for n in ("rms_norm", "rope", "swiglu")}
+    else:
+        norm_ops = {"rms_norm": ref.rms_norm, "rope": ref.rope, "swiglu": ref.swiglu}
+    _log_once(f"sail_dist gpu OpSet: rms_norm / rope / swiglu = {'triton' if kernels.elementwise else 'torch'} "
+              "outside compiled code")
+    return OpSet(f"gpu[{moe_impl}]", attention=make_attention(attention_impl), **norm_ops, moe_experts=experts,
+                 cross_entropy=cross_entropy, decode_attention=make_decode_attention(decode_attention_impl))

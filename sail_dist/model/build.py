@@ -15,9 +15,24 @@ from sail_dist.model.sailvl import SailVL
 log = logging.getLogger(__name__)
 
 
+def _materialise(cfg: ModelConfig, ops: OpSet) -> SailVL:
+    """The model with uninitialised host parameters: built on the meta device, then given empty CPU storage. This
+    skips nn.Linear's own kaiming init, which `init_weights` overwrites (at 2B it cost more than the init itself);
+    swapping the tensors in place keeps tied parameters (embeddings and lm head) one tensor."""
+    with torch.device("meta"):
+        model = SailVL(cfg, ops)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device="cpu")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    return model
+
+
 def build_model(cfg: ModelConfig, ops: OpSet, seed: int = 1234, init_from: str = "") -> SailVL:
     """Same weights on every rank: random init from `seed`, then `init_from` (SAIL-VL2, Qwen3 or AIMv2 dir) if given."""
-    model = SailVL(cfg, ops)
+    model = _materialise(cfg, ops)
     model.init_weights(generator=torch.Generator().manual_seed(seed))
     if init_from:
         cfg_file = os.path.join(init_from, "config.json")

@@ -33,8 +33,9 @@ class ViTBlock(nn.Module):
 
     def forward(self, x_PD: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         P, D = x_PD.shape
-        qkv = self.qkv(self.norm_1(x_PD)).view(P, 3, self.num_heads, D // self.num_heads)
-        o_PHd = self.ops.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, max_seqlen, causal=False)
+        # unbind: one backward node stacks dq, dk, dv (three selects would zero-fill and add into the qkv gradient)
+        q_PHd, k_PHd, v_PHd = self.qkv(self.norm_1(x_PD)).view(P, 3, self.num_heads, D // self.num_heads).unbind(1)
+        o_PHd = self.ops.attention(q_PHd, k_PHd, v_PHd, cu_seqlens, max_seqlen, causal=False)
         x_PD = x_PD + self.proj(o_PHd.reshape(P, D))
         return x_PD + self.mlp_out(self.ops.swiglu(self.mlp_in(self.norm_2(x_PD))))
 
