@@ -548,9 +548,14 @@ class BackendConfig:
             err("zero_stage", f"sail_dist supports ZeRO stages 0-2 (the SAIL-VL2 recipe uses 2), got {self.zero_stage}")
         # A switch nothing reads would be silently ignored: name it instead.
         changed = [f.name for f in dataclasses.fields(self.kernels) if getattr(self.kernels, f.name) != f.default]
-        if changed and (self.name, self.moe_impl) != ("gpu", "triton"):
-            err(f"kernels.{changed[0]}", f"only the GPU backend's Triton experts read it (backend.name=gpu, "
+        moe = [n for n in changed if n.startswith("moe_")]
+        if moe and (self.name, self.moe_impl) != ("gpu", "triton"):
+            err(f"kernels.{moe[0]}", f"only the GPU backend's Triton experts read it (backend.name=gpu, "
                 f"backend.moe_impl=triton), not name={self.name} with moe_impl={self.moe_impl}")
+        gpu_opset = self.opset == "gpu" or (self.opset == "auto" and self.name == "gpu")
+        if "elementwise" in changed and not gpu_opset:
+            err("kernels.elementwise", f"only the GPU OpSet reads it (backend.name=gpu, or backend.opset=gpu), not "
+                f"name={self.name} with opset={self.opset}")
 
 
 @dataclass

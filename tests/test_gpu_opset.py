@@ -102,6 +102,13 @@ def test_kernel_switches_from_the_config():
         load_config(None, ["data.demo=true", "backend.kernels.moe_gather=false"])
     with pytest.raises(ConfigError, match=r"'backend.kernels.moe_autotune'.*expected true or false, got 0"):
         load_config(None, ["data.demo=true", "backend.kernels.moe_autotune=0"])
+    # the element-wise switch: read wherever the GPU OpSet runs, whatever the experts
+    assert not load_config(None, ["data.demo=true", "backend.moe_impl=grouped_mm",
+                                  "backend.kernels.elementwise=false"]).backend.kernels.elementwise
+    assert not load_config(None, ["data.demo=true", "backend.name=npu", "backend.opset=gpu",
+                                  "backend.kernels.elementwise=false"]).backend.kernels.elementwise
+    with pytest.raises(ConfigError, match=r"'backend.kernels.elementwise'.*only the GPU OpSet reads it"):
+        load_config(None, ["data.demo=true", "backend.name=npu", "backend.kernels.elementwise=false"])
 
 
 @parent_only
