@@ -533,6 +533,9 @@ class BackendConfig:
     name: Literal["gpu", "npu"] = "gpu"
     opset: str = "auto"  # auto: the backend's default (gpu -> "gpu" on CUDA else "reference"; npu -> npu/npu_emulated)
     moe_impl: Literal["triton", "grouped_mm", "loop"] = "triton"  # GPU OpSet's expert implementation
+    # GPU OpSet's varlen attention; auto: flash-attn if installed, else torch's flash kernels (aten_flash) on CUDA,
+    # else torch's varlen_attn, else the reference
+    attention_impl: Literal["auto", "flash_attn", "aten_flash", "torch_varlen", "reference"] = "auto"
     zero_stage: int = 2
     offload_optimizer: Literal["none", "cpu"] = "none"
     torch_adam: bool = False  # with CPU offload: torch Adam instead of DeepSpeedCPUAdam (skips its JIT build)
@@ -555,6 +558,9 @@ class BackendConfig:
         gpu_opset = self.opset == "gpu" or (self.opset == "auto" and self.name == "gpu")
         if "elementwise" in changed and not gpu_opset:
             err("kernels.elementwise", f"only the GPU OpSet reads it (backend.name=gpu, or backend.opset=gpu), not "
+                f"name={self.name} with opset={self.opset}")
+        if self.attention_impl != "auto" and not gpu_opset:
+            err("attention_impl", f"only the GPU OpSet reads it (backend.name=gpu, or backend.opset=gpu), not "
                 f"name={self.name} with opset={self.opset}")
 
 

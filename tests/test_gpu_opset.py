@@ -77,7 +77,7 @@ def test_opset_options():
         with pytest.raises(ImportError):
             get_opset("gpu", attention_impl="flash_attn")
     auto = get_opset("gpu").attention.impl
-    assert auto in ("flash_attn", "torch_varlen", "reference")
+    assert auto in ("flash_attn", "aten_flash", "torch_varlen", "reference")
 
 
 @parent_only
@@ -109,6 +109,10 @@ def test_kernel_switches_from_the_config():
                                   "backend.kernels.elementwise=false"]).backend.kernels.elementwise
     with pytest.raises(ConfigError, match=r"'backend.kernels.elementwise'.*only the GPU OpSet reads it"):
         load_config(None, ["data.demo=true", "backend.name=npu", "backend.kernels.elementwise=false"])
+    assert opset_for_backend("gpu", load_config(None, ["data.demo=true", "backend.attention_impl=reference"]).backend
+                             ).attention.impl == "reference"
+    with pytest.raises(ConfigError, match=r"'backend.attention_impl'.*only the GPU OpSet reads it"):
+        load_config(None, ["data.demo=true", "backend.name=npu", "backend.attention_impl=reference"])
 
 
 @parent_only
@@ -343,19 +347,33 @@ def test_moe_triton_cuda_fresh_inputs_repeatable():
 
 @cuda
 @pytest.mark.parametrize("causal", [True, False])
-def test_attention_cuda_bf16(causal):
+@pytest.mark.parametrize("impl", ["auto", "aten_flash", "torch_varlen", "flash_attn"])
+def test_attention_cuda_bf16(causal, impl):
+    """Each varlen kernel against the fp32 reference: output and dq / dk / dv, GQA (8 query heads on 2 kv heads),
+    q / k / v as strided views of one projection (the ViT's layout)."""
+    try:
+        ops = get_opset("gpu", attention_impl=impl)
+    except ImportError as e:
+        pytest.skip(str(e))
+    if ops.attention.impl == "reference":
+        pytest.skip("neither flash-attn nor torch's flash kernels here: the OpSet's attention is the reference")
     g = torch.Generator().manual_seed(2)
     cu = torch.tensor([0, 100, 229, 230, 512], dtype=torch.int32)
-    q = torch.randn(512, 8, 64, generator=g)
-    k, v = torch.randn(512, 2, 64, generator=g), torch.randn(512, 2, 64, generator=g)
-    ops = get_opset("gpu")
-    if ops.attention.impl == "reference":
-        pytest.skip("neither flash-attn nor torch varlen_attn here: the OpSet's attention is the reference")
+    qkv = torch.randn(512, 12, 64, generator=g)
+    dout = torch.randn(512, 8, 64, generator=g)
+
+    def run(fn, dtype):
+        x = qkv.cuda().to(dtype).requires_grad_()
+        q, k, v = x[:, :8], x[:, 8:10], x[:, 10:]
+        out = fn(q, k, v, cu.cuda(), 282, causal)
+        out.backward(dout.cuda().to(dtype))
+        return out.float(), x.grad.float()
+
     # The op allocates its own output: poison the caching allocator's blocks of that size instead.
-    torch.full(q.shape, float("nan"), device="cuda", dtype=torch.bfloat16)
-    out = ops.attention(*(t.cuda().bfloat16() for t in (q, k, v)), cu.cuda(), 282, causal)
-    want = ref.attention(q.cuda(), k.cuda(), v.cuda(), cu.cuda(), 282, causal)
-    assert _rel_fro(out, want) <= 1e-2
+    torch.full((512, 8, 64), float("nan"), device="cuda", dtype=torch.bfloat16)
+    got, want = run(ops.attention, torch.bfloat16), run(ref.attention, torch.float32)
+    for name, a, b in zip(("out", "dqkv"), got, want):
+        assert _rel_fro(a, b) <= 1e-2, f"{ops.attention.impl} {name}: {_rel_fro(a, b):.2e}"
 
 
 @cuda

@@ -1,7 +1,7 @@
 """The GPU OpSet (NVIDIA): varlen flash attention, Triton fused MoE experts, vocab-chunked linear cross-entropy.
 
     get_opset("gpu", moe_impl="triton" | "grouped_mm" | "loop", attention_impl="auto" | "flash_attn" |
-              "torch_varlen" | "reference", kernels=KernelConfig(...))
+              "aten_flash" | "torch_varlen" | "reference", kernels=KernelConfig(...))
 
 `kernels` (the config's `backend.kernels`, table in docs/gpu.md) selects the Triton experts' paths.
 
@@ -32,7 +32,7 @@ from sail_dist.kernels.triton import interpreting
 log = logging.getLogger(__name__)
 
 MOE_IMPLS = ("triton", "grouped_mm", "loop")
-ATTENTION_IMPLS = ("auto", "flash_attn", "torch_varlen", "reference")
+ATTENTION_IMPLS = ("auto", "flash_attn", "aten_flash", "torch_varlen", "reference")
 
 
 @functools.cache
@@ -88,17 +88,52 @@ def _make_torch_varlen_attention():
     return attention
 
 
+def _aten_flash_available() -> bool:
+    return torch.cuda.is_available() and hasattr(torch.ops.aten, "_flash_attention_forward")
+
+
+class _AtenFlashVarlen(torch.autograd.Function):
+    """torch's own flash-attention kernels over cu_seqlens, called directly: the kernels under `varlen_attn`
+    without its custom-op wrapper (whose per-call host work, ~0.5 ms under the profiler, left the device idle in
+    the forward) and with GQA native (torch 2.11's wrapper has no `enable_gqa`: k / v were repeated to Hq heads).
+    These two aten ops are what SDPA's flash path calls; their positional signatures are stable since torch 2.2."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, causal: bool):
+        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, causal, False)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state, unused)
+        ctx.max_seqlen, ctx.causal = max_seqlen, causal
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_seqlens, rng_state, unused = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            dout if dout.stride(-1) == 1 else dout.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens,
+            ctx.max_seqlen, ctx.max_seqlen, 0.0, ctx.causal, rng_state, unused)
+        return dq, dk, dv, None, None, None
+
+
+def _aten_flash_attention(q, k, v, cu_seqlens, max_seqlen, causal):
+    return _AtenFlashVarlen.apply(q, k, v, cu_seqlens, max_seqlen, causal)
+
+
 def _resolve_attention(attention_impl: str) -> str:
     if attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl={attention_impl!r}; choose one of {ATTENTION_IMPLS}")
     if attention_impl == "auto":
         if _flash_attn_fn() is not None:
             return "flash_attn"
+        if _aten_flash_available():
+            return "aten_flash"
         if _torch_varlen_fn() is not None:
             return "torch_varlen"
         return "reference"
     if attention_impl == "flash_attn" and _flash_attn_fn() is None:
         raise ImportError("attention_impl='flash_attn' but flash_attn is not importable")
+    if attention_impl == "aten_flash" and not _aten_flash_available():
+        raise ImportError("attention_impl='aten_flash' needs CUDA and torch.ops.aten._flash_attention_forward")
     if attention_impl == "torch_varlen" and _torch_varlen_fn() is None:
         raise ImportError("attention_impl='torch_varlen' but torch.nn.attention.varlen is missing")
     return attention_impl
@@ -108,8 +143,8 @@ def make_attention(attention_impl: str = "auto"):
     """attention(q[T,Hq,D], k, v, cu_seqlens, max_seqlen, causal) on the chosen kernel; the reference
     for CPU tensors and for dtypes the flash kernels lack (fp32)."""
     impl = _resolve_attention(attention_impl)
-    fast = (_flash_attention if impl == "flash_attn" else _make_torch_varlen_attention() if impl == "torch_varlen"
-            else None)
+    fast = {"flash_attn": _flash_attention, "aten_flash": _aten_flash_attention,
+            "torch_varlen": _make_torch_varlen_attention() if impl == "torch_varlen" else None}.get(impl)
     _log_once(f"sail_dist gpu OpSet: attention = {impl}")
 
     def attention(q, k, v, cu_seqlens, max_seqlen, causal):

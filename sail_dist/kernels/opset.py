@@ -63,12 +63,12 @@ def available_opsets() -> list[str]:
 
 
 # Backend-config options each OpSet understands (the others take none).
-_CONFIG_OPTIONS = {"gpu": ("moe_impl", "kernels")}
+_CONFIG_OPTIONS = {"gpu": ("moe_impl", "kernels", "attention_impl")}
 
 
 def opset_for_backend(name: str, backend_cfg) -> OpSet:
-    """The OpSet `name` with the options it takes from a BackendConfig (e.g. the GPU set's `moe_impl` and
-    `kernels`, the Triton experts' switches)."""
+    """The OpSet `name` with the options it takes from a BackendConfig (e.g. the GPU set's `moe_impl`, `kernels`
+    (the Triton kernels' switches) and `attention_impl`)."""
     return get_opset(name, **{k: getattr(backend_cfg, k) for k in _CONFIG_OPTIONS.get(name, ())})
 
 
