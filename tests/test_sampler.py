@@ -215,6 +215,25 @@ def test_update_weights_and_bad_prompts():
         Sampler(a, max_total_tokens=16).generate(prompts, params)
 
 
+def test_idle_decode_steps_record_nothing():
+    """The profiling hook (bench.rollout --profile) runs decode steps on the last generate's state with every slot
+    idle: the next generate still equals the no-cache decode; before any generate it names the fix."""
+    model = tiny_model("tiny")
+    prompts = prompts_for(model, MIXED[:2])
+    params = SamplingParams(temperature=0.0, max_new_tokens=4)
+    sampler = Sampler(model)
+    with pytest.raises(RuntimeError, match="call generate"):
+        sampler.idle_decode_steps(params, 1)
+    sampler.generate(prompts, params)
+    st = sampler._state
+    max_new = st.shape.max_new
+    tokens, generated = st.out_tok[:, :max_new].clone(), st.gen_B.clone()
+    st.active_B.fill_(True)  # even slots left active are idled first
+    sampler.idle_decode_steps(params, 3)
+    assert torch.equal(st.out_tok[:, :max_new], tokens) and torch.equal(st.gen_B, generated)  # (the scratch column only)
+    assert [c[0].tokens for c in sampler.generate(prompts, params)] == [no_cache_greedy(model, p, 4) for p in prompts]
+
+
 # --------------------------------------------------------------------------------------------------
 # The decode_attention op
 # --------------------------------------------------------------------------------------------------

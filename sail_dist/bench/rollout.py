@@ -104,13 +104,12 @@ def profile_decode(model, prompts, params, batch: int, seq: int, compile: bool =
     sampler = Sampler(model, max_batch=batch, max_total_tokens=batch * seq, cuda_graphs=False, compile=compile,
                       seq_len_multiple=seq)
     sampler.generate(prompts, replace(params, max_new_tokens=2))  # sets up the state: cache of `seq` rows
-    st, cache = sampler._state, sampler._cache
-    st.active_B.zero_()  # idle slots: the same kernels, nothing recorded
-    sync(st.tok_B.device)
+    device = model.llm.embed_tokens.weight.device
+    sampler.idle_decode_steps(params, 1)  # (warm)
+    sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            sampler._decode(st, cache, params)
-        sync(st.tok_B.device)
+        sampler.idle_decode_steps(params, steps)
+        sync(device)
     rows = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
     rows.sort(key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in rows) / steps / 1e3

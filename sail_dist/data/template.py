@@ -132,6 +132,20 @@ class ChatTemplate:
 
 
 # ------------------------------------------------------------------------------------------- loss weights
+def reduction_weight(n, reduction: str):
+    """The per-token weight of a sample with n >= 1 supervised tokens under `data.loss_reduction`: token 1,
+    sample 1/n, square 1/sqrt(n). n: a count, or a float tensor of per-sample counts (then elementwise; the
+    Think-Fusion objective's masked counts)."""
+    is_tensor = hasattr(n, "sqrt")
+    if reduction == "token":
+        return n * 0.0 + 1.0 if is_tensor else 1.0
+    if reduction == "sample":
+        return 1.0 / n
+    if reduction == "square":
+        return 1.0 / (n.sqrt() if is_tensor else math.sqrt(n))
+    raise ValueError(f"loss reduction {reduction!r}: choose token, sample or square")
+
+
 def loss_weights(labels: list[int], reduction: str) -> list[float]:
     """Raw per-token weights of one sample: token 1, sample 1/n, square 1/sqrt(n) (n = its label tokens).
 
@@ -141,7 +155,7 @@ def loss_weights(labels: list[int], reduction: str) -> list[float]:
     n = sum(1 for y in labels if y != IGNORE)
     if n == 0:
         return [0.0] * len(labels)
-    w = {"token": 1.0, "sample": 1.0 / n, "square": 1.0 / math.sqrt(n)}[reduction]
+    w = reduction_weight(n, reduction)
     return [w if y != IGNORE else 0.0 for y in labels]
 
 

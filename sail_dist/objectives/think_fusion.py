@@ -29,6 +29,7 @@ import torch
 
 from sail_dist.config import Config
 from sail_dist.data.batch import PackedBatch
+from sail_dist.data.template import reduction_weight
 from sail_dist.model.sailvl import ModelOutput
 from sail_dist.objectives.base import AllReduce, LossShare, Objective
 
@@ -62,12 +63,7 @@ class ThinkFusionObjective(Objective):
         thought_T = batch.extras["thought_T"].to(device=device, dtype=torch.float64)
         m_T = labelled_T.double() * (1.0 - thought_T * (1.0 - cot_T))
         n_S = torch.zeros(batch.num_samples, dtype=torch.float64, device=device).index_add(0, seq_T, m_T)
-        if self.reduction == "token":
-            w_S = torch.ones_like(n_S)
-        elif self.reduction == "sample":
-            w_S = 1.0 / n_S.clamp_min(1.0)
-        else:  # square
-            w_S = n_S.clamp_min(1.0).rsqrt()
+        w_S = reduction_weight(n_S.clamp_min(1.0), self.reduction)  # (samples with no target: m_T is 0 there)
         return m_T * w_S[seq_T], seq_T, (n_S > 0).double()
 
     def begin_step(self, micro_batches: list[PackedBatch], all_reduce: AllReduce) -> None:

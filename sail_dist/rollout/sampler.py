@@ -436,6 +436,16 @@ class Sampler:
         st.record(tok_B, lp_B, mask_B)
 
     # ---------------------------------------------------------------------------------------------
+    def idle_decode_steps(self, params: SamplingParams, steps: int) -> None:
+        """Run `steps` eager decode steps over the state of the last `generate` with every slot idle: the kernels of a
+        live decode step (idle slots compute too), nothing recorded. For profiling the decode step
+        (bench.rollout --profile); the next `generate` starts from fresh state anyway."""
+        if self._state is None or self._cache is None:
+            raise RuntimeError("idle_decode_steps: call generate() first (it sets up the KV cache and the slots)")
+        self._state.active_B.zero_()
+        for _ in range(steps):
+            self._decode(self._state, self._cache, params)
+
     def _decode(self, st: _State, cache: KVCache, params: SamplingParams) -> None:
         """One decode step of every slot (idle slots compute too and record nothing)."""
         self._sample_record(st, self.model.decode_step(st.tok_B, st.pos_B, cache), params)
