@@ -605,3 +605,43 @@ def test_torch_npu_is_imported_only_in_ops_py():
                        if any(line.strip().startswith(("import torch_npu", "from torch_npu"))
                               for line in p.read_text().splitlines()))
     assert importers == ["npu/ops.py"]
+
+
+def test_host_ints_read_once_per_forward_and_decode_step(monkeypatch):
+    """torch_npu's attention ops take host int lists: the NPU OpSet reads cu_seqlens once per forward and the decode
+    lengths once per decode step (the layers share the tensor), not once per layer; results equal the reference's."""
+    from conftest import make_sample, model_config, pack
+    from sail_dist.model.sailvl import SailVL
+    from sail_dist.rollout.kv_cache import KVCache
+
+    reads = []
+    call = npu_ops._HostInts.__call__
+
+    def spy(self, t):
+        before = self._ints
+        out = call(self, t)
+        if out is not before:
+            reads.append(tuple(out))
+        return out
+
+    monkeypatch.setattr(npu_ops._HostInts, "__call__", spy)
+    cfg = model_config("tiny")
+    g = torch.Generator().manual_seed(0)
+    batch = pack([make_sample(cfg, 9, [(4, 4)], gen=g), make_sample(cfg, 7, gen=g)])
+    models = {}
+    for name in ("npu_emulated", "reference"):
+        models[name] = SailVL(cfg, get_opset(name))
+        models[name].init_weights(generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = (models[n].logits(batch) for n in ("npu_emulated", "reference"))
+    assert rel_err(got, want) < 1e-5
+    assert len(reads) == 2, reads  # the ViT's cu_seqlens and the LLM's, each read once for all layers
+    reads.clear()
+    cache = KVCache(cfg.llm, 2, 16, torch.float32, torch.device("cpu"))
+    ids, pos = torch.tensor([5, 6]), torch.tensor([3, 7])
+    with torch.no_grad():
+        step = models["npu_emulated"].decode_step(ids, pos, cache)
+        ref_step = models["reference"].decode_step(ids, pos, KVCache(cfg.llm, 2, 16, torch.float32,
+                                                                     torch.device("cpu")))
+    assert reads == [(4, 8)]  # one read for the 4 layers: lengths = pos + 1
+    assert rel_err(step, ref_step) < 1e-5

@@ -67,13 +67,14 @@ class Attention(nn.Module):
         return self.ops.attention(q_THd, k_THd, v_THd, cu_seqlens, max_seqlen, causal=True)
 
     def decode_attend(self, q_BHd: torch.Tensor, k_BHd: torch.Tensor, v_BHd: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
+                      v_cache: torch.Tensor, pos_B: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
         """One new token per cache slot (row b = slot b, at position pos_B[b]): write its K/V, then attend to
-        the slot's rows [0, pos_B[b]] through the OpSet's decode_attention -> o [B, Hq, Hd]."""
+        the slot's rows [0, pos_B[b]] (lengths_B = pos_B + 1, one tensor for every layer of the step) through the
+        OpSet's decode_attention -> o [B, Hq, Hd]."""
         slot_B = torch.arange(q_BHd.shape[0], device=q_BHd.device)
         k_cache[slot_B, pos_B] = k_BHd.to(k_cache.dtype)
         v_cache[slot_B, pos_B] = v_BHd.to(v_cache.dtype)
-        return self.ops.decode_attention(q_BHd, k_cache, v_cache, pos_B + 1)
+        return self.ops.decode_attention(q_BHd, k_cache, v_cache, lengths_B)
 
 
 class DenseMLP(nn.Module):
@@ -128,10 +129,11 @@ class DecoderLayer(nn.Module):
                                          cache.v[self.index], slot_T, pos_T)
         return self.post_attention(x_TD, o_THd)
 
-    def decode(self, x_BD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, pos_B: torch.Tensor
-               ) -> torch.Tensor:
+    def decode(self, x_BD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, pos_B: torch.Tensor,
+               lengths_B: torch.Tensor) -> torch.Tensor:
         q_BHd, k_BHd, v_BHd = self.pre_attention(x_BD, cos, sin)
-        o_BHd = self.attn.decode_attend(q_BHd, k_BHd, v_BHd, cache.k[self.index], cache.v[self.index], pos_B)
+        o_BHd = self.attn.decode_attend(q_BHd, k_BHd, v_BHd, cache.k[self.index], cache.v[self.index], pos_B,
+                                        lengths_B)
         return self.post_attention(x_BD, o_BHd)
 
 

@@ -124,6 +124,7 @@ class SailVL(nn.Module):
         No host synchronisation on the GPU OpSet, so the step can be captured in a CUDA graph."""
         h_BD = self.llm.embed_tokens(input_ids_B)
         cos, sin = self.llm.rope(pos_B, h_BD.dtype)
+        lengths_B = pos_B + 1  # one tensor for every layer: an OpSet that reads it on the host (npu) reads it once
         for layer in self.llm.layers:
-            h_BD = layer.decode(h_BD, cos, sin, cache, pos_B)
+            h_BD = layer.decode(h_BD, cos, sin, cache, pos_B, lengths_B)
         return self.llm.logits(h_BD)

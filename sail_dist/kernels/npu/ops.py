@@ -7,7 +7,8 @@ backend use). This is the only file that imports torch_npu.
 
 The ops (semantics: torch_npu's op documentation, Ascend/op-plugin), and the conventions converted at each call site:
   attention     npu_fusion_attention, layout TND. Our cu_seqlens `[S+1]` starts with 0; torch_npu wants
-                cumulative END offsets without it, as a host list -> `cu_seqlens[1:].tolist()`. The
+                cumulative END offsets without it, as a host list -> `cu_seqlens.tolist()[1:]`, read once per
+                forward (every layer gets the same cu_seqlens tensor: `_HostInts`). The
                 scale defaults to 1.0 there, so 1/sqrt(D) is passed explicitly; causal = the compressed
                 2048x2048 triu mask + sparse_mode 2; GQA is native (Nq % Nkv == 0).
   rms_norm      npu_rms_norm(...)[0]: multiplies by the weight in fp32 and casts once, so bf16 results
@@ -20,8 +21,8 @@ The ops (semantics: torch_npu's op documentation, Ascend/op-plugin), and the con
                 training stacks use (MindSpeed / MindSpeed-MM), not the inference-only init/finalize ops.
   decode_attention  npu_incre_flash_attention (the decode-step FlashAttention over a KV cache), layout BSND: q
                 `[B, Hq, D]` -> `[B, 1, Hq, D]`, the cache `[B, S_max, Hkv, D]` as is; `actual_seq_lengths` = the
-                valid cache rows per sequence as a host list (`lengths.tolist()`: one device->host sync per
-                layer and step, as torch_npu's int[] wants); scale_value 1/sqrt(D) passed (default 1.0); GQA
+                valid cache rows per sequence as a host list (torch_npu's int[]; one device->host read per decode
+                step, shared by the layers like cu_seqlens); scale_value 1/sqrt(D) passed (default 1.0); GQA
                 by num_key_value_heads. Inference only (no autograd on NPU).
   cross_entropy the lm head inside the op (kernels/linear_cross_entropy.py, shared with the GPU OpSet): tiles
                 of at most 512 MiB of fp32 logits, never [T, V], -100 rows skipped; plain torch ops, so the
@@ -101,6 +102,7 @@ class _NpuOps:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive int or None (automatic), got {value}")
         self.npu = npu
+        self._host_ints = _HostInts()
         self.group_list_type = group_list_type
         self.ce_vocab_chunk = ce_vocab_chunk
         self.ce_token_chunk = ce_token_chunk
@@ -110,8 +112,8 @@ class _NpuOps:
         # max_seqlen is not needed: TND varlen takes per-sequence lengths, not a padded size.
         num_q_heads, head_dim = q.shape[1], q.shape[2]
         # Our cu_seqlens [S+1] starts with 0; torch_npu wants cumulative ends WITHOUT it, as host ints
-        # (lengths 2 2 2 -> [2, 4, 6]). .tolist() is a device->host sync, as on MindSpeed.
-        seq_ends = cu_seqlens[1:].tolist()
+        # (lengths 2 2 2 -> [2, 4, 6]): a device->host read, once per forward (every layer gets the same tensor).
+        seq_ends = self._host_ints(cu_seqlens)[1:]
         if causal:
             mask, sparse_mode = _compressed_causal_mask(q.device), _SPARSE_MODE_LEFT_UP_CAUSAL
         else:
@@ -130,7 +132,8 @@ class _NpuOps:
         num_q_heads, head_dim = q_BHD.shape[1], q_BHD.shape[2]
         out = self.npu.npu_incre_flash_attention(
             q_BHD.unsqueeze(1), k_cache_BSHD, v_cache_BSHD,
-            actual_seq_lengths=lengths_B.tolist(),  # host ints: valid cache rows per sequence (right padding)
+            # host ints: valid cache rows per sequence (right padding); read once per decode step
+            actual_seq_lengths=list(self._host_ints(lengths_B)),
             num_heads=num_q_heads, num_key_value_heads=k_cache_BSHD.shape[2],
             scale_value=1.0 / math.sqrt(head_dim),  # torch_npu defaults to 1.0
             input_layout="BSND")
@@ -173,6 +176,23 @@ class _NpuOps:
         # the attention's per-layer cu_seqlens read).
         return linear_cross_entropy(h, w, labels, vocab_chunk=self.ce_vocab_chunk, token_chunk=self.ce_token_chunk,
                                     skip_ignored=True)
+
+
+class _HostInts:
+    """The host list of a device int tensor, read once while the same tensor comes back unmodified: every layer of a
+    forward passes the same cu_seqlens, and every layer of a decode step the same lengths (SailVL.decode_step), so one
+    device->host read (a sync) serves all layers instead of one per layer. Keeps a reference to the last tensor, so
+    its identity cannot be taken by another while it is cached; an in-place change bumps its version."""
+
+    def __init__(self) -> None:
+        self._tensor: torch.Tensor | None = None
+        self._version = -1
+        self._ints: list[int] = []
+
+    def __call__(self, t: torch.Tensor) -> list[int]:
+        if t is not self._tensor or t._version != self._version:
+            self._tensor, self._version, self._ints = t, t._version, t.tolist()
+        return self._ints
 
 
 def _build(name: str, npu: ModuleType, group_list_type: int, ce_vocab_chunk: int | None,
