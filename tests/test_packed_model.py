@@ -60,3 +60,27 @@ def test_loader_batches_give_every_sample_its_unpacked_loss(tmp_path):
                 assert abs(float((packed[a:b] * w).sum()) - float((alone * w).sum())) <= 1e-5 * float((alone * w).sum())
                 checked += 1
     assert checked >= 4
+
+
+def test_vision_tokens_fill_the_slots_in_order_with_their_gradients(monkeypatch):
+    """embed puts the i-th vision token into the i-th <IMG_CONTEXT> slot (index_copy over the slots' positions) and
+    both gradients come back: the vision tokens get the slots' rows, the text embeddings everything else."""
+    from conftest import make_sample, model_config, pack
+
+    cfg = model_config("tiny")
+    g = torch.Generator().manual_seed(0)
+    batch = pack([make_sample(cfg, 6, [(4, 4)], gen=g), make_sample(cfg, 5, [(4, 8)], gen=g)])
+    model = SailVL(cfg, get_opset("reference"))
+    model.init_weights(generator=torch.Generator().manual_seed(1))
+    vis = torch.randn(batch.n_vision_tokens(cfg.adapter.downsample), cfg.llm.hidden_size, generator=g,
+                      requires_grad=True)
+    monkeypatch.setattr(model, "vision_tokens", lambda *a: vis)
+    h = model.embed(batch)
+    slots = batch.input_ids == cfg.tokens.img_context
+    text = model.llm.embed_tokens(batch.input_ids)
+    assert torch.equal(h[slots], vis.detach()) and torch.equal(h[~slots], text[~slots].detach())
+    dh = torch.randn(h.shape, generator=g)
+    h.backward(dh)
+    assert torch.equal(vis.grad, dh[slots])
+    emb_grad = torch.zeros_like(model.llm.embed_tokens.weight).index_add_(0, batch.input_ids[~slots], dh[~slots])
+    assert rel_err(model.llm.embed_tokens.weight.grad, emb_grad) < 1e-6

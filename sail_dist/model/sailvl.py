@@ -61,14 +61,17 @@ class SailVL(nn.Module):
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         """Token embeddings [T, D] with the vision tokens scattered into the <IMG_CONTEXT> slots."""
         h_TD = self.llm.embed_tokens(batch.input_ids)
-        slots = batch.input_ids == self.cfg.tokens.img_context
-        n_slots = int(slots.sum())
+        # The slots' positions, read here (the forward's one host sync for them): index_copy's backward needs no
+        # sync, where masked_scatter's runs a nonzero that stalled the host mid-backward until the device's queue
+        # had drained (BENCHMARKS.md, second round session 3).
+        slot_N = (batch.input_ids == self.cfg.tokens.img_context).nonzero().squeeze(1)
+        n_slots = slot_N.numel()
         if batch.num_images:
             vis = self.vision_tokens(batch.pixel_values, batch.image_grid_hw)
             if vis.shape[0] != n_slots:
                 raise ValueError(f"the batch has {n_slots} <IMG_CONTEXT> tokens but its {batch.num_images} images "
                                  f"give {vis.shape[0]} vision tokens (sample ids {batch.sample_ids})")
-            h_TD = h_TD.masked_scatter(slots[:, None], vis.to(h_TD.dtype))
+            h_TD = h_TD.index_copy(0, slot_N, vis.to(h_TD.dtype))
         elif n_slots:
             raise ValueError(f"the batch has {n_slots} <IMG_CONTEXT> tokens but no images (sample ids {batch.sample_ids})")
         elif self.training and any(p.requires_grad for p in self.vision.parameters()):
