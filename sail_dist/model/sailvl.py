@@ -62,8 +62,8 @@ class SailVL(nn.Module):
         """Token embeddings [T, D] with the vision tokens scattered into the <IMG_CONTEXT> slots."""
         h_TD = self.llm.embed_tokens(batch.input_ids)
         # The slots' positions, read here (the forward's one host sync for them): index_copy's backward needs no
-        # sync, where masked_scatter's runs a nonzero that stalled the host mid-backward until the device's queue
-        # had drained (BENCHMARKS.md, second round session 3).
+        # sync, where masked_scatter's runs a nonzero that holds the host mid-backward until the device's queue has
+        # drained (the 2B step time measured the same either way: BENCHMARKS.md, second round session 3).
         slot_N = (batch.input_ids == self.cfg.tokens.img_context).nonzero().squeeze(1)
         n_slots = slot_N.numel()
         if batch.num_images:
