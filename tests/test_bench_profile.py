@@ -46,3 +46,29 @@ def test_kernel_kinds():
     assert kernel_kind("triton_red_fused__to_copy_mean_mul_pow_rsqrt_0") == "elementwise"  # Inductor's fused RMSNorm
     assert kernel_kind("triton_tem_fused_mm_0") == "matmul"
     assert kernel_kind("_moe_gemm_kernel") == "matmul"
+
+
+def test_host_syncs_and_busy_timeline(tmp_path):
+    """Host waits on the device are charged to their enclosing ops (short ones ignored); the timeline is the busy
+    share of each window, overlapping streams counted once."""
+    from sail_dist.bench.train_step import busy_timeline, host_syncs
+
+    ev = [
+        {"cat": "cpu_op", "name": "backward", "tid": 2, "ts": 0, "dur": 50_000},
+        {"cat": "cpu_op", "name": "aten::nonzero", "tid": 2, "ts": 10_000, "dur": 5_000},
+        {"cat": "cuda_runtime", "name": "cudaStreamSynchronize", "tid": 2, "ts": 10_100, "dur": 4_000},
+        {"cat": "cuda_runtime", "name": "cudaStreamSynchronize", "tid": 2, "ts": 30_000, "dur": 50},  # too short
+        {"cat": "cpu_op", "name": "step", "tid": 1, "ts": 60_000, "dur": 3_000},
+        {"cat": "cuda_runtime", "name": "cudaDeviceSynchronize", "tid": 1, "ts": 60_500, "dur": 1_000},
+        # device: 0-10 ms on two overlapping streams, then 25-30 ms, then 45-50 ms
+        {"cat": "kernel", "name": "a", "ts": 0, "dur": 10_000, "args": {}},
+        {"cat": "kernel", "name": "b", "ts": 2_000, "dur": 6_000, "args": {}},
+        {"cat": "gpu_memcpy", "name": "c", "ts": 25_000, "dur": 5_000, "args": {}},
+        {"cat": "kernel", "name": "d", "ts": 45_000, "dur": 5_000, "args": {}},
+    ]
+    path = str(tmp_path / "t.json.gz")
+    _trace(path, ev)
+    syncs = {s["where"]: s for s in host_syncs(path)}
+    assert syncs == {"backward > aten::nonzero": {"where": "backward > aten::nonzero", "ms": 4.0, "count": 1},
+                     "step": {"where": "step", "ms": 1.0, "count": 1}}
+    assert busy_timeline(path, window_ms=20) == [50, 25, 25]

@@ -93,6 +93,67 @@ def _load_trace(path: str) -> list[dict]:
         return json.load(f)["traceEvents"]
 
 
+def _device_activities(events: list[dict]) -> list[dict]:
+    return sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+
+
+def _host_ops_by_thread(events: list[dict]) -> dict:
+    by_thread: dict = {}
+    for e in events:
+        if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e:
+            by_thread.setdefault(e["tid"], []).append(e)
+    return by_thread
+
+
+def _where(by_thread: dict, event: dict) -> str:
+    """The host ops enclosing `event` on its thread: the outermost two and the innermost."""
+    enclosing = [o["name"][:50] for o in by_thread.get(event["tid"], ()) if o["ts"] <= event["ts"] <= o["ts"] + o["dur"]]
+    return " > ".join(enclosing[:2] + ([f"... {enclosing[-1]}"] if len(enclosing) > 2 else [])) or "(no op)"
+
+
+def host_syncs(trace_path: str, min_us: float = 100.0, top: int = 10) -> list[dict]:
+    """The host's waits on the device (cuda*Synchronize of >= `min_us`) by the ops they ran in: after each one the
+    device's queue is empty, so whatever the host launches next starts from idle."""
+    events = _load_trace(trace_path)
+    by_thread = _host_ops_by_thread(events)
+    waits: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "cuda_runtime" and "Synchronize" in e.get("name", "") and e.get("dur", 0) >= min_us:
+            acc = waits.setdefault(_where(by_thread, e), [0.0, 0])
+            acc[0] += e["dur"] / 1e3
+            acc[1] += 1
+    ranked = sorted(waits.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"where": k, "ms": round(v[0], 3), "count": v[1]} for k, v in ranked]
+
+
+def busy_timeline(trace_path: str, window_ms: float = 20.0) -> list[int]:
+    """Percent of each `window_ms` window (from the first device activity) in which some device activity runs
+    (union over streams): where in the step the device idles (e.g. host-bound forwards, the optimizer's tail)."""
+    device = _device_activities(_load_trace(trace_path))
+    if not device:
+        return []
+    t0, w = device[0]["ts"], window_ms * 1e3
+    busy: dict[int, float] = {}
+    cur_s = cur_e = None
+    spans = []
+    for d in device:  # union of intervals first, so overlapping streams are not counted twice
+        s, e = d["ts"], d["ts"] + d.get("dur", 0.0)
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                spans.append((cur_s, cur_e))
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    spans.append((cur_s, cur_e))
+    for s, e in spans:
+        while s < e:
+            k = int((s - t0) // w)
+            end = min(e, t0 + (k + 1) * w)
+            busy[k] = busy.get(k, 0.0) + end - s
+            s = end
+    return [round(100 * busy.get(k, 0.0) / w) for k in range(max(busy) + 1)]
+
+
 def idle_sources(trace_path: str, min_gap_us: float = 5.0, top: int = 15) -> dict:
     """Where the device's idle time comes from, from a profiled step's Chrome trace: every gap of >= `min_gap_us`
     between device activities (kernels, memcpy, memset; union over streams) charged to what the host was running
@@ -100,13 +161,10 @@ def idle_sources(trace_path: str, min_gap_us: float = 5.0, top: int = 15) -> dic
     innermost), and whether that launch came after the gap had begun (the host was late) or before (the device
     waited on something else)."""
     events = _load_trace(trace_path)
-    device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    device = _device_activities(events)
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
-    by_thread: dict = {}
-    for e in events:
-        if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e:
-            by_thread.setdefault(e["tid"], []).append(e)
+    by_thread = _host_ops_by_thread(events)
     gaps: dict[str, list[float]] = {}
     late = early = 0.0
     busy_end = None
@@ -117,9 +175,7 @@ def idle_sources(trace_path: str, min_gap_us: float = 5.0, top: int = 15) -> dic
             if launch is None:
                 key = f"(launch not recorded) {d['name'][:50]}"
             else:
-                enclosing = [o["name"][:50] for o in by_thread.get(launch["tid"], ())
-                             if o["ts"] <= launch["ts"] <= o["ts"] + o["dur"]]
-                key = " > ".join(enclosing[:2] + ([f"... {enclosing[-1]}"] if len(enclosing) > 2 else [])) or "(no op)"
+                key = _where(by_thread, launch)
                 if launch["ts"] > busy_end:
                     late += gap
                 else:
@@ -156,12 +212,18 @@ def report_profile(prof, wall_s: float, cuda: bool) -> dict | None:
 
 
 def report_idle(trace_path: str) -> dict:
-    """Print and return idle_sources of the profiled step's trace."""
+    """Print and return the profiled step's idle gaps (idle_sources), host syncs and device-busy timeline."""
     idle = idle_sources(trace_path)
     print(f"idle gaps >= 5 us: {idle['gap_ms']:.0f} ms ({idle['host_late_ms']:.0f} ms with the host late to launch), "
           "by what the host ran when it launched the activity after the gap:")
     for r in idle["gaps"]:
         print(f"  {r['ms']:>8.1f} ms {r['count']:>6}x  {r['where'][:170]}")
+    idle["host_syncs"] = host_syncs(trace_path)
+    print("host waits on the device (>= 0.1 ms), by where:")
+    for r in idle["host_syncs"]:
+        print(f"  {r['ms']:>8.1f} ms {r['count']:>6}x  {r['where'][:170]}")
+    idle["busy_pct_per_20ms"] = busy_timeline(trace_path)
+    print("device busy % per 20 ms: " + " ".join(map(str, idle["busy_pct_per_20ms"])))
     return idle
 
 
