@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Backend parity for every stage of the recipe: `launch/parity.sh STEPS CONFIG --stage NAME` for each registered
 # stage (or the ones named), on the tiny MoE demo model (GPU backend ZeRO-2 DP 2 vs NPU backend PP 2 x EP 2 x DP 2,
-# fp32 on CPU), each stage on its data of the demo recipe (python -m sail_dist.data.demo_recipe: LongCoT and
-# Think-Fusion records, SFT phase 4's image:video 1:1 mix; the demo set for the others; the demo counting prompts for
-# the RL stages). Then one table (stage, steps, max loss and gradient-tensor differences, PASS/FAIL) and one JSON
+# fp32 on CPU), each stage on its data of the demo recipe (the `data:` section of its config in
+# configs/recipe/demo.yaml, on python -m sail_dist.data.demo_recipe's records: LongCoT and Think-Fusion records, SFT
+# phase 4's image:video 1:1 mix; the demo set for the others; the demo counting prompts for the RL stages). Then one table (stage, steps, max loss and gradient-tensor differences, PASS/FAIL) and one JSON
 # line; exit status 1 when any stage disagrees beyond parity.sh's tolerances (1e-5).
 #
 #   bash launch/parity_stages.sh [STEPS] [STAGE ...]          (default 3 steps, every stage)
@@ -24,13 +24,25 @@ DATA="${RECIPE_DATA:-.cache/sail_dist_demo_recipe}"
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || mapfile -t stages < <(python3 -m sail_dist.cli --list-stages | awk '{print $1}')
 python3 -m sail_dist.data.demo_recipe "$DATA" "$DEMO" >/dev/null || { echo "parity_stages.sh: could not write $DATA" >&2; exit 1; }
-own_data() {  # the stage's sources in the demo recipe (configs/recipe/demo_stages/*.yaml)
-  local tok="data.demo=false data.tokenizer=$DEMO/tokenizer"
-  case "$1" in
-    sft_phase4) echo "$tok data.video_frames=4 data.sources=[{path: $DATA/image.jsonl, modality: image}, {path: $DATA/video.jsonl, modality: video}]" ;;
-    longcot_sft) echo "$tok data.sources=[{path: $DATA/think.jsonl}]" ;;
-    think_fusion_sft) echo "$tok data.sources=[{path: $DATA/direct.jsonl, weight: 0.9}, {path: $DATA/think.jsonl, weight: 0.1}]" ;;
-  esac
+own_data() {  # the stage's data section of the demo recipe (configs/recipe/demo.yaml's per-stage configs) as overrides
+  python3 - "$1" "$DATA" "$DEMO" <<'PY'
+import sys
+
+import yaml
+
+from sail_dist.stages.recipe import load_recipe
+
+stage, data_dir, demo_dir = sys.argv[1:]
+recipe = load_recipe("configs/recipe/demo.yaml")
+for s in recipe.stages:
+    if s.stage == stage and s.config != recipe.config:
+        with open(s.config) as f:
+            data = (yaml.safe_load(f) or {}).get("data", {})
+        for key, value in data.items():
+            text = yaml.safe_dump(value, default_flow_style=True, width=1 << 20).split("\n...")[0].strip()
+            text = text.replace(".cache/sail_dist_demo_recipe", data_dir).replace(".cache/sail_dist_demo", demo_dir)
+            print(f"data.{key}={text}")
+PY
 }
 rows=()
 fail=0
@@ -39,11 +51,7 @@ for s in "${stages[@]}"; do
   extra=(train.lr=1e-3 train.min_lr=1e-3 train.warmup_steps=0 train.global_batch_samples=0 train.epochs=0
          "data.demo_dir=$DEMO")
   [ "$s" = pretrain_basic ] && { n=9; extra+=(train.adalrs.window=3); }
-  data="$(own_data "$s")"
-  if [ -n "$data" ]; then
-    # one override per source list: split on the spaces between key=value pairs only
-    while IFS= read -r kv; do extra+=("$kv"); done < <(echo "$data" | sed 's/ \([a-z_.]*=\)/\n\1/g')
-  fi
+  while IFS= read -r kv; do extra+=("$kv"); done < <(own_data "$s")
   echo "=== $s ($n steps) ===" >&2
   OUT_DIR="$OUT_DIR/$s" bash "$here/parity.sh" "$n" "$CONFIG" --stage "$s" "${extra[@]}" >"$OUT_DIR/$s.out" 2>"$OUT_DIR/$s.err"
   rc=$?
