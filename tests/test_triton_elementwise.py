@@ -72,6 +72,15 @@ def test_rms_norm_matches_reference(shape):
 
 
 @here
+def test_rms_norm_weight_gradient_alone():
+    """A norm whose input takes no gradient (e.g. right after a frozen part): only the weight's, through the
+    kernel's path without dx."""
+    g = torch.Generator().manual_seed(6)
+    x, w = torch.randn(70, 48, generator=g), 1 + 0.1 * torch.randn(48, generator=g)
+    _check(_triton("rms_norm"), ref.rms_norm, [x, w], [False, True], extra=(1e-6,))
+
+
+@here
 def test_rms_norm_on_a_strided_qkv_slice_and_a_frozen_weight():
     """QK-norm: q is a [T, H, D] view into the fused qkv output (row stride of the whole projection); the frozen
     weight gets no gradient and x's still matches."""
