@@ -556,12 +556,11 @@ class BackendConfig:
             err(f"kernels.{moe[0]}", f"only the GPU backend's Triton experts read it (backend.name=gpu, "
                 f"backend.moe_impl=triton), not name={self.name} with moe_impl={self.moe_impl}")
         gpu_opset = self.opset == "gpu" or (self.opset == "auto" and self.name == "gpu")
-        if "elementwise" in changed and not gpu_opset:
-            err("kernels.elementwise", f"only the GPU OpSet reads it (backend.name=gpu, or backend.opset=gpu), not "
-                f"name={self.name} with opset={self.opset}")
-        if self.attention_impl != "auto" and not gpu_opset:
-            err("attention_impl", f"only the GPU OpSet reads it (backend.name=gpu, or backend.opset=gpu), not "
-                f"name={self.name} with opset={self.opset}")
+        for key, changed_here in (("kernels.elementwise", "elementwise" in changed),
+                                  ("attention_impl", self.attention_impl != "auto")):
+            if changed_here and not gpu_opset:
+                err(key, f"only the GPU OpSet reads it (backend.name=gpu, or backend.opset=gpu), not "
+                    f"name={self.name} with opset={self.opset}")
 
 
 @dataclass

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from sail_dist.bench.numerics import rel_err
 from sail_dist.kernels import reference as ref
 
 
@@ -40,10 +41,6 @@ def _case(name: str, T: int = 8192):
         return x[:, :Hq], x[:, Hq:Hq + Hkv], x[:, Hq + Hkv:]
 
     return make, split, cu, n, causal, Hq
-
-
-def _rel(a, b) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
                 return out, x.grad
 
             out, grad = run()
-            errs = (_rel(out.float(), want_out), _rel(grad.float(), want_grad))
+            errs = (rel_err(out.float(), want_out), rel_err(grad.float(), want_grad))
             ms = float(do_bench(run, warmup=10, rep=50, return_mode="median"))
             # host cost of one call: the same op at 256 tokens, where the device's part is negligible
             make_s, split_s, cu_s, n_s, _, _ = _case(shape, T=256)

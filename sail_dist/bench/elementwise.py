@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from sail_dist.bench.numerics import rel_err
 from sail_dist.kernels import reference as ref
 
 
@@ -49,16 +50,16 @@ def _cases(T: int, P: int, dtype: torch.dtype):
 
 
 def _fwd_bwd(fn, inputs, grads):
+    """fn's forward + backward on fresh leaves of `inputs`, as one timed callable."""
     leaves = [t.detach().requires_grad_(m) for t, m in zip(inputs, grads)]
-    out = fn(*leaves)
-    dout = torch.randn_like(out)
+    dout = torch.randn_like(fn(*leaves))
 
     def run():
         for t in leaves:
             t.grad = None
         fn(*leaves).backward(dout)
 
-    return run, out, leaves
+    return run
 
 
 def _bytes(inputs, out) -> int:
@@ -66,10 +67,6 @@ def _bytes(inputs, out) -> int:
     moved_in = sum(t.numel() * t.element_size() for t in inputs)
     o = out.numel() * out.element_size()
     return (moved_in + o) + (moved_in + o + moved_in)
-
-
-def _rel(a, b) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -89,16 +86,16 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'triton GB/s':>12}{'max rel err':>12}")
     for name, (ref_fn, tri_fn, inputs, grads) in _cases(args.tokens, args.patches, dtype).items():
         # correctness first: the kernels against the fp32 reference on the same inputs
-        run_t, out_t, leaves_t = _fwd_bwd(tri_fn, inputs, grads)
-        run_r, out_r, leaves_r = _fwd_bwd(ref_fn, [t.float() for t in inputs], grads)
-        torch.manual_seed(1)
-        d = torch.randn_like(out_r)
-        tri_fn(*leaves_t).backward(d.to(dtype))
-        ref_fn(*leaves_r).backward(d)
-        err = max([_rel(out_t.float(), out_r)] + [_rel(a.grad, b.grad) for a, b, m in zip(leaves_t, leaves_r, grads) if m])
+        leaves_t = [t.detach().requires_grad_(m) for t, m in zip(inputs, grads)]
+        leaves_r = [t.detach().float().requires_grad_(m) for t, m in zip(inputs, grads)]
+        out_t, out_r = tri_fn(*leaves_t), ref_fn(*leaves_r)
+        d = torch.randn(out_r.shape, generator=torch.Generator(device="cuda").manual_seed(1), device="cuda")
+        out_t.backward(d.to(out_t.dtype))
+        out_r.backward(d)
+        err = max([rel_err(out_t.float(), out_r)] + [rel_err(a.grad, b.grad) for a, b, m in zip(leaves_t, leaves_r, grads) if m])
         times = {}
         for impl, fn in (("torch", ref_fn), ("triton", tri_fn), ("compiled", torch.compile(ref_fn, dynamic=False))):
-            run, _, _ = _fwd_bwd(fn, inputs, grads)
+            run = _fwd_bwd(fn, inputs, grads)
             run()  # (compile outside the timing)
             times[impl] = float(do_bench(run, warmup=25, rep=100, return_mode="median"))
         gbs = _bytes(inputs, out_t) / (times["triton"] * 1e-3) / 1e9

@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from sail_dist.bench.numerics import rel_err
 from sail_dist.config import KernelConfig
 
 SHAPES = {
@@ -75,13 +76,6 @@ def _fwd_bwd(fn, x, idx, w, wgu, wd, dy):
     return [y.detach()] + [t.grad for t in leaves]
 
 
-def _rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    if torch.isnan(a).any():
-        return float("nan")
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def _colmajor(w_EKN: torch.Tensor) -> torch.Tensor:
     """Same values and logical shape [E, K, N], stored with K contiguous."""
     return w_EKN.transpose(1, 2).contiguous().transpose(1, 2)
@@ -123,7 +117,7 @@ def _check(fn, inputs, ref_outs, poison) -> dict:
     ctx = tmoe.poison_outputs() if poison else contextlib.nullcontext()
     with ctx:
         outs = _fwd_bwd(fn, *inputs)
-    errs = {k: _rel(o, r) for k, o, r in zip(("y", "dx", "dw_topk", "dw_gate_up", "dw_down"), outs, ref_outs)}
+    errs = {k: rel_err(o, r) for k, o, r in zip(("y", "dx", "dw_topk", "dw_gate_up", "dw_down"), outs, ref_outs)}
     # Triton's CPU interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest): --cpu-smoke
     # checks the plumbing with a looser bound.
     tol = REL_TOL_BF16 if DEVICE == "cuda" else 3e-2

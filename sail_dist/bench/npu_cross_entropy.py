@@ -31,6 +31,8 @@ import time
 
 import torch
 
+from sail_dist.bench.numerics import rel_err
+
 SHAPES = {
     # name: (T, D, V, dtype, share of labels that are -100)
     "bf16_4k": (4096, 2048, 151936, torch.bfloat16, 0.0),
@@ -102,11 +104,6 @@ def _child(shape: str, impl: str, out_dir: str, repeats: int) -> None:
     print(json.dumps({"peak_bytes": (peak_kib - base_kib) * 1024, "fwd_s": min(fwd_s), "bwd_s": min(bwd_s)}))
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def _fp64_sample(shape: str, num: int = 64) -> dict[str, torch.Tensor]:
     """Exact (fp64 reference) loss and dh of `num` tokens that have a target, and their row indices."""
     from sail_dist.kernels import get_opset
@@ -160,11 +157,11 @@ def main() -> None:
                 fig = json.loads(proc.stdout.strip().splitlines()[-1])
                 fig["working_bytes"] = fig["peak_bytes"] - grads_bytes
                 got = torch.load(os.path.join(out_dir, f"{impl}.pt"))
-                fig["err64_loss"] = _rel(got["loss"][exact["rows"]], exact["loss"])
-                fig["err64_dh"] = _rel(got["dh"][exact["rows"]], exact["dh"])
+                fig["err64_loss"] = rel_err(got["loss"][exact["rows"]], exact["loss"])
+                fig["err64_dh"] = rel_err(got["dh"][exact["rows"]], exact["dh"])
                 if impl != "full" and "full" in impls:
                     want = torch.load(os.path.join(out_dir, "full.pt"))
-                    fig.update({f"err_{k}": _rel(got[k], want[k]) for k in ("loss", "dh", "dw")})
+                    fig.update({f"err_{k}": rel_err(got[k], want[k]) for k in ("loss", "dh", "dw")})
                     del want
                 del got
                 results[name]["impls"][impl] = fig

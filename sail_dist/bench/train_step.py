@@ -72,24 +72,30 @@ def device_time_breakdown(prof, wall_s: float) -> dict:
             continue
         sums[kernel_kind(e.name)] += e.time_range.elapsed_us() / 1e3
         spans.append((e.time_range.start, e.time_range.end))
-    spans.sort()
-    busy, cur_s, cur_e = 0.0, None, None
-    for s0, e0 in spans:  # union of the kernel intervals (streams overlap)
-        if cur_e is None or s0 > cur_e:
-            busy += (cur_e - cur_s) if cur_e is not None else 0.0
-            cur_s, cur_e = s0, e0
-        else:
-            cur_e = max(cur_e, e0)
-    busy += (cur_e - cur_s) if cur_e is not None else 0.0
+    busy = sum(e0 - s0 for s0, e0 in _union(spans))  # (streams overlap)
     out = {k: round(v, 1) for k, v in sums.items()}
     out["idle"] = round(max(wall_s * 1e3 - busy / 1e3, 0.0), 1)
     out["wall_ms"] = round(wall_s * 1e3, 1)
     return out
 
 
-def _load_trace(path: str) -> list[dict]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as f:
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of (start, end) intervals as disjoint sorted intervals."""
+    out: list[tuple[float, float]] = []
+    for s, e in sorted(spans):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _events(trace: str | list[dict]) -> list[dict]:
+    """A Chrome trace's events: read from a path (.json or .json.gz), or as already read."""
+    if not isinstance(trace, str):
+        return trace
+    opener = gzip.open if trace.endswith(".gz") else open
+    with opener(trace, "rt") as f:
         return json.load(f)["traceEvents"]
 
 
@@ -111,10 +117,10 @@ def _where(by_thread: dict, event: dict) -> str:
     return " > ".join(enclosing[:2] + ([f"... {enclosing[-1]}"] if len(enclosing) > 2 else [])) or "(no op)"
 
 
-def host_syncs(trace_path: str, min_us: float = 100.0, top: int = 10) -> list[dict]:
+def host_syncs(trace: str | list[dict], min_us: float = 100.0, top: int = 10) -> list[dict]:
     """The host's waits on the device (cuda*Synchronize of >= `min_us`) by the ops they ran in: after each one the
     device's queue is empty, so whatever the host launches next starts from idle."""
-    events = _load_trace(trace_path)
+    events = _events(trace)
     by_thread = _host_ops_by_thread(events)
     waits: dict[str, list[float]] = {}
     for e in events:
@@ -126,26 +132,15 @@ def host_syncs(trace_path: str, min_us: float = 100.0, top: int = 10) -> list[di
     return [{"where": k, "ms": round(v[0], 3), "count": v[1]} for k, v in ranked]
 
 
-def busy_timeline(trace_path: str, window_ms: float = 20.0) -> list[int]:
+def busy_timeline(trace: str | list[dict], window_ms: float = 20.0) -> list[int]:
     """Percent of each `window_ms` window (from the first device activity) in which some device activity runs
     (union over streams): where in the step the device idles (e.g. host-bound forwards, the optimizer's tail)."""
-    device = _device_activities(_load_trace(trace_path))
+    device = _device_activities(_events(trace))
     if not device:
         return []
     t0, w = device[0]["ts"], window_ms * 1e3
     busy: dict[int, float] = {}
-    cur_s = cur_e = None
-    spans = []
-    for d in device:  # union of intervals first, so overlapping streams are not counted twice
-        s, e = d["ts"], d["ts"] + d.get("dur", 0.0)
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                spans.append((cur_s, cur_e))
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    spans.append((cur_s, cur_e))
-    for s, e in spans:
+    for s, e in _union([(d["ts"], d["ts"] + d.get("dur", 0.0)) for d in device]):  # (overlapping streams once)
         while s < e:
             k = int((s - t0) // w)
             end = min(e, t0 + (k + 1) * w)
@@ -154,13 +149,13 @@ def busy_timeline(trace_path: str, window_ms: float = 20.0) -> list[int]:
     return [round(100 * busy.get(k, 0.0) / w) for k in range(max(busy) + 1)]
 
 
-def idle_sources(trace_path: str, min_gap_us: float = 5.0, top: int = 15) -> dict:
+def idle_sources(trace: str | list[dict], min_gap_us: float = 5.0, top: int = 15) -> dict:
     """Where the device's idle time comes from, from a profiled step's Chrome trace: every gap of >= `min_gap_us`
     between device activities (kernels, memcpy, memset; union over streams) charged to what the host was running
     when it launched the activity that ends the gap (the launch's enclosing ops on its thread: outermost two and the
     innermost), and whether that launch came after the gap had begun (the host was late) or before (the device
     waited on something else)."""
-    events = _load_trace(trace_path)
+    events = _events(trace)
     device = _device_activities(events)
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
@@ -213,16 +208,17 @@ def report_profile(prof, wall_s: float, cuda: bool) -> dict | None:
 
 def report_idle(trace_path: str) -> dict:
     """Print and return the profiled step's idle gaps (idle_sources), host syncs and device-busy timeline."""
-    idle = idle_sources(trace_path)
+    events = _events(trace_path)  # (read once for the three)
+    idle = idle_sources(events)
     print(f"idle gaps >= 5 us: {idle['gap_ms']:.0f} ms ({idle['host_late_ms']:.0f} ms with the host late to launch), "
           "by what the host ran when it launched the activity after the gap:")
     for r in idle["gaps"]:
         print(f"  {r['ms']:>8.1f} ms {r['count']:>6}x  {r['where'][:170]}")
-    idle["host_syncs"] = host_syncs(trace_path)
+    idle["host_syncs"] = host_syncs(events)
     print("host waits on the device (>= 0.1 ms), by where:")
     for r in idle["host_syncs"]:
         print(f"  {r['ms']:>8.1f} ms {r['count']:>6}x  {r['where'][:170]}")
-    idle["busy_pct_per_20ms"] = busy_timeline(trace_path)
+    idle["busy_pct_per_20ms"] = busy_timeline(events)
     print("device busy % per 20 ms: " + " ".join(map(str, idle["busy_pct_per_20ms"])))
     return idle
 

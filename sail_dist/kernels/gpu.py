@@ -143,8 +143,10 @@ def make_attention(attention_impl: str = "auto"):
     """attention(q[T,Hq,D], k, v, cu_seqlens, max_seqlen, causal) on the chosen kernel; the reference
     for CPU tensors and for dtypes the flash kernels lack (fp32)."""
     impl = _resolve_attention(attention_impl)
-    fast = {"flash_attn": _flash_attention, "aten_flash": _aten_flash_attention,
-            "torch_varlen": _make_torch_varlen_attention() if impl == "torch_varlen" else None}.get(impl)
+    if impl == "torch_varlen":
+        fast = _make_torch_varlen_attention()
+    else:
+        fast = {"flash_attn": _flash_attention, "aten_flash": _aten_flash_attention}.get(impl)
     _log_once(f"sail_dist gpu OpSet: attention = {impl}")
 
     def attention(q, k, v, cu_seqlens, max_seqlen, causal):
@@ -373,10 +375,8 @@ def opset(moe_impl: str = "triton", attention_impl: str = "auto", kernels: Kerne
         raise ValueError(f"moe_impl={moe_impl!r}; choose one of {MOE_IMPLS}")
     _log_once(f"sail_dist gpu OpSet: moe_experts = {moe_impl}")
     experts = functools.partial(moe_experts_triton, opts=kernels) if moe_impl == "triton" else _MOE[moe_impl]
-    if kernels.elementwise:
-        norm_ops = {n: _fused_elementwise(n, getattr(ref, n)) for n in ("rms_norm", "rope", "swiglu")}
-    else:
-        norm_ops = {"rms_norm": ref.rms_norm, "rope": ref.rope, "swiglu": ref.swiglu}
+    norm_ops = {n: _fused_elementwise(n, getattr(ref, n)) if kernels.elementwise else getattr(ref, n)
+                for n in ("rms_norm", "rope", "swiglu")}
     _log_once(f"sail_dist gpu OpSet: rms_norm / rope / swiglu = {'triton' if kernels.elementwise else 'torch'} "
               "outside compiled code")
     return OpSet(f"gpu[{moe_impl}]", attention=make_attention(attention_impl), **norm_ops, moe_experts=experts,
