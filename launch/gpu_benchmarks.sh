@@ -7,7 +7,8 @@
 # micro-batches per step without and with CPU offload (DeepSpeedCPUAdam); all GPUs of the host (when more
 # than one): that pair again with DP = #GPUs, for the scaling efficiency against the 1-GPU pair; 1 GPU: the
 # reduced A3B shape (4 MoE layers, real widths) end to end with loop / grouped_mm / triton experts. PARTS picks
-# parts (default 2b,compile,offload,scale,a3b; also recipe = the offload pair at 16 micro-batches, profile /
+# parts (default 2b,compile,offload,scale,a3b; also offload_ds = the offload run on DeepSpeed's own host step,
+# recipe = the offload pair at 16 micro-batches, profile /
 # a3b_profile = profiled 2B / reduced-A3B steps with the idle time's sources, eager_torch = the 2b run with
 # backend.kernels.elementwise=false, coldstart = the compiled first step on an empty and then a warm compile cache); BENCH_EXTRA is
 # appended to every run (e.g. BENCH_EXTRA=train.compile=true).
@@ -36,6 +37,10 @@ if part offload; then
   # 8 micro-batches per step (64k tokens per GPU) for both, so the host optimizer step is amortised alike
   bench 2b_zero2_mb8 1 "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2
   bench 2b_zero2_offload_mb8 1 "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2 --offload cpu; fi
+# offload_ds: the offload run with DeepSpeed's own host step (backend.offload_chunk=0), the chunked step's anchor
+if part offload_ds; then
+  bench 2b_zero2_offload_mb8_deepspeed_step 1 "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2 --offload cpu \
+    backend.offload_chunk=0; fi
 if part recipe; then
   # 16 micro-batches per GPU per step: SAIL-VL2's pretraining batch (2048 x 8192 tokens) on 128 GPUs
   bench 2b_zero2_mb16 1 "${TWO_B[@]}" --micro-batches 16 --steps 5 --warmup 2
@@ -73,6 +78,9 @@ for k, r in rows.items():
 fig = {}
 if "2b_zero2_mb8" in rows and "2b_zero2_offload_mb8" in rows:
     fig["offload_slowdown"] = rows["2b_zero2_offload_mb8"]["step_s"] / rows["2b_zero2_mb8"]["step_s"]
+if "2b_zero2_offload_mb8" in rows and "2b_zero2_offload_mb8_deepspeed_step" in rows:
+    fig["offload_chunked_step_speedup"] = (rows["2b_zero2_offload_mb8_deepspeed_step"]["step_s"]
+                                           / rows["2b_zero2_offload_mb8"]["step_s"])
 if "2b_zero2_mb16" in rows and "2b_zero2_offload_mb16" in rows:
     fig["offload_slowdown_mb16"] = rows["2b_zero2_offload_mb16"]["step_s"] / rows["2b_zero2_mb16"]["step_s"]
 for k, r in rows.items():  # DP = N against the same run on one GPU

@@ -539,6 +539,12 @@ class BackendConfig:
     zero_stage: int = 2
     offload_optimizer: Literal["none", "cpu"] = "none"
     torch_adam: bool = False  # with CPU offload: torch Adam instead of DeepSpeedCPUAdam (skips its JIT build)
+    # With CPU offload and DeepSpeedCPUAdam: the host step's chunk in elements (a multiple of 4096): clip scale, Adam
+    # and cast per chunk, each chunk's copy to the device overlapped (backends/gpu/offload_step.py); 0 = DeepSpeed's step
+    offload_chunk: int = 1 << 22
+    # gpu: DeepSpeed's ZeRO gradient bucket in elements (reduce_bucket_size): gradients are reduced a bucket at a time
+    # during the backward; larger = fewer, bigger reductions and more device memory for the bucket buffers
+    reduce_bucket_size: int = 500_000_000
     # Gradient accumulation and reduction over micro-batches in bf16 training: fp32 = in fp32 buffers on the device
     # (gpu: DeepSpeed's grad_accum_dtype, which with CPU offload also keeps the accumulation on the device instead of
     # a host round trip per micro-batch; npu: Megatron's grad_reduce_in_fp32); bf16 = in the model dtype (less memory).
@@ -549,6 +555,11 @@ class BackendConfig:
     def check(self, err) -> None:
         if self.zero_stage not in (0, 1, 2):
             err("zero_stage", f"sail_dist supports ZeRO stages 0-2 (the SAIL-VL2 recipe uses 2), got {self.zero_stage}")
+        if self.reduce_bucket_size <= 0:
+            err("reduce_bucket_size", f"must be a positive number of elements, got {self.reduce_bucket_size}")
+        if self.offload_chunk < 0 or self.offload_chunk % 4096:
+            err("offload_chunk", f"must be 0 (DeepSpeed's own offload step) or a positive multiple of 4096 elements, "
+                f"got {self.offload_chunk}")
         # A switch nothing reads would be silently ignored: name it instead.
         changed = [f.name for f in dataclasses.fields(self.kernels) if getattr(self.kernels, f.name) != f.default]
         moe = [n for n in changed if n.startswith("moe_")]

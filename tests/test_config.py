@@ -43,6 +43,10 @@ def test_wrong_type_and_impossible_values(tmp_path):
                     ["data.demo=true", "backend.name=npu", "parallel.ep=3"])
     with pytest.raises(ConfigError, match=r"'backend.offload_optimizer' .*'gpu' is not one of 'none', 'cpu'"):
         load_config(None, ["data.demo=true", "backend.offload_optimizer=gpu"])
+    with pytest.raises(ConfigError, match=r"'backend.offload_chunk' .*multiple of 4096 elements, got 1000"):
+        load_config(None, ["data.demo=true", "backend.offload_chunk=1000"])
+    with pytest.raises(ConfigError, match=r"'backend.reduce_bucket_size' .*positive number of elements, got 0"):
+        load_config(None, ["data.demo=true", "backend.reduce_bucket_size=0"])
 
 
 def test_no_data_is_an_error():

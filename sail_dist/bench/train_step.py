@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_build = time.perf_counter()
     engine = backend.build(cfg, env)
     build_s = time.perf_counter() - t_build
-    times, losses = [], []
+    times, losses, norms = [], [], []
     flops_step = 0.0
     profile_split = profile_idle = None
     for step in range(a.steps):
@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
             dist.barrier()
         times.append(time.perf_counter() - t0)
         losses.append(stats.loss)
+        norms.append(stats.grad_norm)
     dt = statistics.median(times[a.warmup:]) if len(times) > a.warmup else times[-1]
     tokens_dev = a.seq * a.micro_batches / dt
     peak = peak_flops(env.device_name)
@@ -300,7 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
            "tiles_per_sample": a.tiles_per_sample, "offload": a.offload, "step_s": dt,
            "tokens_per_s": tokens_dev * env.world_size, "tokens_per_s_per_device": tokens_dev,
            "mfu": mfu, "tflops_per_device": flops_step / dt / 1e12, "peak_mem_gib": mem,
-           "loss_first": losses[0], "loss_last": losses[-1], "step_times": [round(x, 4) for x in times],
+           "loss_first": losses[0], "loss_last": losses[-1],
+           "losses": [round(x, 6) for x in losses], "grad_norms": [round(x, 6) for x in norms], "step_times": [round(x, 4) for x in times],
            "build_s": build_s, "first_step_s": times[0], **({"profile_split_ms": profile_split} if profile_split else {}),
            **({"profile_idle": profile_idle} if profile_idle else {})}
     if cfg.train.compile:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from sail_dist.backends.base import (DistEnv, LayerGradRecorder, TrainStepStats, all_reduce_sum, check_micro_batches,
                                     model_dtype)
-from sail_dist.backends.gpu import zero_step
+from sail_dist.backends.gpu import offload_step, zero_step
 from sail_dist.config import Config
 from sail_dist.data.batch import PackedBatch
 from sail_dist.kernels import opset_for_backend
@@ -84,16 +84,19 @@ class DeepSpeedEngine(LayerGradRecorder):
                                     fused=fused, foreach=None if fused else True)
             self.ds, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=opt,
                                                                  config=self.ds_config)
-        batched = cfg.backend.zero_stage in (1, 2) and zero_step.install(self.ds.optimizer)
-        log.info("GPU backend: ZeRO-%d, %s, opset=%s, offload=%s, trainable=%s, batched norm/overflow check=%s",
-                 cfg.backend.zero_stage, self.dtype, self.ops.name, cfg.backend.offload_optimizer, self.trainable,
-                 batched)
+        zero12 = cfg.backend.zero_stage in (1, 2)
+        offload = offload_step.install(self.ds.optimizer, cfg.backend.offload_chunk) if zero12 else ""
+        batched = zero12 and zero_step.install(self.ds.optimizer)  # (wraps whichever step is installed)
+        log.info("GPU backend: ZeRO-%d, %s, opset=%s, offload=%s%s, trainable=%s, batched norm/overflow check=%s",
+                 cfg.backend.zero_stage, self.dtype, self.ops.name, cfg.backend.offload_optimizer,
+                 f" ({offload})" if offload else "", self.trainable, batched)
 
     def _ds_config(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         cuda = self.env.device.type == "cuda"
         zero = {"stage": cfg.backend.zero_stage, "contiguous_gradients": True, "overlap_comm": cuda,
-                "reduce_scatter": True, "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
+                "reduce_scatter": True, "reduce_bucket_size": cfg.backend.reduce_bucket_size,
+                "allgather_bucket_size": 5e8}
         ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": t.micro_batches,
               "train_batch_size": t.micro_batches * self.env.dp_size, "gradient_clipping": t.grad_clip,
               "zero_optimization": zero, "bf16": {"enabled": self.dtype == torch.bfloat16},
@@ -185,6 +188,7 @@ class DeepSpeedEngine(LayerGradRecorder):
         other ranks. A tied lm head is listed once, as the embedding (named_parameters)."""
         from deepspeed.utils import safe_get_full_grad
 
+        offload_step.gradients_to_host(self.ds.optimizer)  # (with offload: where safe_get_full_grad reads them)
         keep = self.env.rank == 0
         out = {}
         for name, p in self.model.named_parameters():
