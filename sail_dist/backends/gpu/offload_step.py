@@ -130,7 +130,7 @@ def _device_grad_partitions(self) -> list[torch.Tensor | None]:
         # sums too many terms in fp32: 5e-5 off at 0.5M elements)
         views = [] if buffers is None else [b for b in buffers if not getattr(b, "_zero_padding", False)]
         sq.append(torch.stack(torch._foreach_norm(views, 2.0, dtype=torch.float32)).square().sum() if views
-                  else torch.zeros((), device=self.device))
+                  else torch.zeros((), device=get_accelerator().current_device_name()))
     self._sail_grad_sq = sq
     self.local_overflow = not bool(torch.isfinite(torch.stack([x.to(sq[0].device) for x in sq]).sum()))
     return flats
@@ -141,9 +141,11 @@ def _grad_norm_from_device(self, params):
     over data parallel; -1 where not finite), from the device partition's squared norm instead of per-parameter
     norms taken during the boundary micro-batch."""
     from deepspeed import comm as dist
+    from deepspeed.accelerator import get_accelerator
 
     i = next(k for k, group in enumerate(self.params_in_partition) if group is params)
-    total = self._sail_grad_sq[i].reshape(1).float().to(self.device)
+    # on the accelerator, as DeepSpeed's all-reduce here (`self.device` is the host under offload)
+    total = self._sail_grad_sq[i].reshape(1).float().to(get_accelerator().current_device_name())
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
     self._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
     norm = total[0].item() ** 0.5
