@@ -39,6 +39,8 @@ import types
 
 import torch
 
+from sail_dist.backends.gpu.zero_step import squared_norm
+
 log = logging.getLogger(__name__)
 
 CHUNK_ALIGN = 4096
@@ -128,11 +130,9 @@ def _device_grad_partitions(self) -> list[torch.Tensor | None]:
         flats.append(getattr(buffers, "flat_partition", None))
         # per-parameter norms, as the non-offload step takes them (one norm over the whole partition on the CPU
         # sums too many terms in fp32: 5e-5 off at 0.5M elements)
-        views = [] if buffers is None else [b for b in buffers if not getattr(b, "_zero_padding", False)]
-        sq.append(torch.stack(torch._foreach_norm(views, 2.0, dtype=torch.float32)).square().sum() if views
-                  else torch.zeros((), device=get_accelerator().current_device_name()))
+        sq.append(squared_norm([] if buffers is None else buffers, get_accelerator().current_device_name()))
     self._sail_grad_sq = sq
-    self.local_overflow = not bool(torch.isfinite(torch.stack([x.to(sq[0].device) for x in sq]).sum()))
+    self.local_overflow = not bool(torch.isfinite(torch.stack(sq).sum()))
     return flats
 
 

@@ -29,6 +29,15 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def squared_norm(gradients, device) -> torch.Tensor:
+    """Sum of squares of a ZeRO gradient partition's tensors (DeepSpeed's `_zero_padding` views left out): fp32
+    per-tensor norms in one foreach kernel, then squared and summed; 0 on `device` for an empty partition."""
+    grads = [g.detach() for g in gradients if not getattr(g, "_zero_padding", False)]
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).pow(2).sum()
+
+
 def _grad_norm_direct(self, gradients, params, norm_type=2):
     """DeepSpeed's `get_grad_norm_direct` (L2), with one foreach norm instead of a kernel per tensor."""
     import deepspeed.comm as dist
@@ -36,12 +45,7 @@ def _grad_norm_direct(self, gradients, params, norm_type=2):
 
     if float(norm_type) != 2.0:
         return type(self).get_grad_norm_direct(self, gradients, params, norm_type)
-    grads = [g.detach() for g in gradients if not getattr(g, "_zero_padding", False)]
-    if grads:
-        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
-        total = torch.stack(norms).pow(2).sum()
-    else:
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
+    total = squared_norm(gradients, self.device)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
     self._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
     total = total.pow(0.5)
