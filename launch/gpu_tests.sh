@@ -6,6 +6,7 @@
 # CPU over gloo as in CI (ranks cannot share a GPU under NCCL).
 #
 #   bash launch/gpu_tests.sh [extra pytest args]      # e.g. -x, -k zero2
+#   bash launch/gpu_tests.sh --all [extra pytest args] # the whole suite (tests/), the CPU tests included
 #
 # Installs nothing. Where the machine lacks deepspeed / megatron-core, carry them as wheels in .whl/
 # (bash ../shared/tools/device_wheels.sh): they are unpacked to /tmp/site and put on PYTHONPATH.
@@ -40,9 +41,14 @@ for name in ("deepspeed", "megatron.core", "transformers", "triton"):
         print(f"  {name} missing ({e}): its tests skip")
 EOF
 
-gpu_files=$(grep -l "mark\.gpu" tests/test_*.py)
-backend_files="tests/test_gpu_backend.py tests/test_npu_backend.py tests/test_objective_seam.py tests/test_trainer.py"
-files=$(printf '%s\n' $gpu_files $backend_files | sort -u)
+if [ "${1:-}" = "--all" ]; then
+  shift
+  files=tests
+else
+  gpu_files=$(grep -l "mark\.gpu" tests/test_*.py)
+  backend_files="tests/test_gpu_backend.py tests/test_npu_backend.py tests/test_objective_seam.py tests/test_trainer.py"
+  files=$(printf '%s\n' $gpu_files $backend_files | sort -u)
+fi
 workers=()
 if python3 -c "import xdist" 2> /dev/null; then workers=(-n "${SAIL_TEST_WORKERS:-6}"); fi
 log=()

@@ -22,6 +22,14 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto a CUDA `device` through page-locked memory, non-blocking: a copy from pageable memory
+    makes the host wait until the device's queue has drained. Other devices: a plain `.to`."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class PackedBatch:
     input_ids: torch.Tensor  # [T] int64
@@ -31,7 +39,7 @@ class PackedBatch:
     max_seqlen: int
     loss_weight: torch.Tensor  # [T] float32: per-token weight of the chosen reduction (token 1, sample 1/n, square 1/sqrt n); 0 where labels == -100
     pixel_values: torch.Tensor | None = None  # [P, C*patch*patch] float, channel-major patches
-    image_grid_hw: torch.Tensor | None = None  # [n_images, 2] int64, patch rows and cols per image
+    image_grid_hw: torch.Tensor | None = None  # [n_images, 2] int64, patch rows and cols per image (host tensor)
     sample_ids: list = field(default_factory=list)  # one id per packed sample, in stream order
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # objective inputs, [T, ...] or [S, ...]
 
@@ -66,11 +74,12 @@ class PackedBatch:
         return replace(self, **out, extras={k: pin(v) for k, v in self.extras.items()})
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PackedBatch":
-        """Move tensors to `device`; `dtype` applies to pixel_values only."""
+        """Move tensors to `device`; `dtype` applies to pixel_values only. `image_grid_hw` stays on the host: it is
+        metadata that the ViT and the adapter read on the host (from the device, every read would be a host sync)."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
+            if isinstance(v, torch.Tensor) and f.name != "image_grid_hw":
                 v = v.to(device, non_blocking=True)
                 if f.name == "pixel_values" and dtype is not None:
                     v = v.to(dtype)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from sail_dist.config import AdapterConfig
+from sail_dist.data.batch import host_to_device
 
 
 def pixel_shuffle_index(grid_hw: torch.Tensor, s: int) -> torch.Tensor:
@@ -37,7 +38,7 @@ class Adapter(nn.Module):
 
     def forward(self, feats_PD: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
         """ViT features [P, Dv] -> LLM vision tokens [P / s^2, D_llm]."""
-        idx = pixel_shuffle_index(grid_hw, self.s).to(feats_PD.device)
+        idx = host_to_device(pixel_shuffle_index(grid_hw.cpu(), self.s), feats_PD.device)
         return self.project(feats_PD[idx].reshape(-1, feats_PD.shape[1] * self.s ** 2))
 
     def project(self, merged_NC: torch.Tensor) -> torch.Tensor:

@@ -74,7 +74,9 @@ class MoE(nn.Module):
         y_TD = self.experts(x_TD, topk_idx, topk_w)
         with torch.no_grad():
             counts_E = torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts).to(torch.float32)
-            tokens = torch.tensor([float(x_TD.shape[0])], device=counts_E.device)
+            # (a fill on the device: torch.tensor(..., device=) copies from pageable host memory, which makes the
+            # host wait until the device's queue has drained, once per MoE layer)
+            tokens = counts_E.new_full((1,), float(x_TD.shape[0]))
             if self.reduce_counts is not None:
                 both = self.reduce_counts(torch.cat([counts_E, tokens]))
                 counts_E, tokens = both[:-1], both[-1:]

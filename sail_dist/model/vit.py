@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sail_dist.config import ViTConfig
+from sail_dist.data.batch import host_to_device
 from sail_dist.kernels.opset import OpSet
 from sail_dist.model.norm import RMSNorm
 
@@ -77,10 +78,11 @@ class SailViT(nn.Module):
 
     def forward(self, patches_PC: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
         """patches [P, 3*ps*ps] (image after image, row-major) and grids [n, 2] -> features [P, D]."""
+        grid_hw = grid_hw.cpu()  # (host metadata: PackedBatch.to keeps it there)
         lens = (grid_hw[:, 0] * grid_hw[:, 1]).to(torch.int32)
         if int(lens.sum()) != patches_PC.shape[0]:
             raise ValueError(f"image grids cover {int(lens.sum())} patches but pixel_values has {patches_PC.shape[0]}")
-        cu_seqlens = F.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0)).to(patches_PC.device)
+        cu_seqlens = host_to_device(F.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0)), patches_PC.device)
         max_seqlen = int(lens.max())
         x_PD = self.patch_embed(patches_PC) + self.position_embedding(grid_hw)
         for block in self.blocks:

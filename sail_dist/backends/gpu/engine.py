@@ -94,7 +94,10 @@ class DeepSpeedEngine(LayerGradRecorder):
     def _ds_config(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         cuda = self.env.device.type == "cuda"
-        zero = {"stage": cfg.backend.zero_stage, "contiguous_gradients": True, "overlap_comm": cuda,
+        # overlap_comm: the reductions on a side stream during the backward, at the price of a device-wide synchronize
+        # at the end of each micro-batch's backward (DeepSpeed's epilogue); with one rank there is nothing to overlap.
+        overlap = cuda and self.env.dp_size > 1
+        zero = {"stage": cfg.backend.zero_stage, "contiguous_gradients": True, "overlap_comm": overlap,
                 "reduce_scatter": True, "reduce_bucket_size": cfg.backend.reduce_bucket_size,
                 "allgather_bucket_size": 5e8}
         ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": t.micro_batches,
@@ -150,11 +153,13 @@ class DeepSpeedEngine(LayerGradRecorder):
                 sums[2 + j] += share.metrics[name].detach().double()
             if out.aux_loss is not None:
                 sums[1] += out.aux_loss.double() / M
-                c = torch.stack([m.last_counts for m in self.model.moe_layers()]).cpu()
-                counts = c if counts is None else counts + c
+                c = torch.stack([m.last_counts for m in self.model.moe_layers()])
+                counts = c if counts is None else counts + c  # (on the device: read once, after the loop)
             flops += batch_flops(self.cfg.model, mb, self.cfg.train.train_modules).train
             tokens += mb.num_tokens
             samples += mb.num_samples
+        if counts is not None:
+            counts = counts.cpu()
         if dist.is_initialized():
             dist.all_reduce(sums)  # shares add up to the step values; the aux loss is reported as the DP mean
         grad_norm = self.ds.get_global_grad_norm()
