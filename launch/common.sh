@@ -46,13 +46,24 @@ sail_torchrun() {
 # NVIDIA GPUs visible? Sets NGPU and the CUDA environment (NVLink multicast off: it can take a shared host's
 # GPUs out of service), or NGPU=0 and DeepSpeed's CPU accelerator. Returns 0 when GPUs are there.
 sail_detect_gpus() {
+  # The GPUs this job may use: nvidia-smi lists every GPU of the node, so CUDA_VISIBLE_DEVICES, where set, narrows
+  # them (empty or -1: none, the CPU path; "0,1": two ranks, not one per GPU of the node).
+  NGPU=0
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    NGPU=$(nvidia-smi -L | wc -l)
+    NGPU=$(nvidia-smi -L | grep -c "^GPU ")
+    if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+      local visible="${CUDA_VISIBLE_DEVICES// /}" ids
+      case "$visible" in
+        "" | -1*) NGPU=0 ;;
+        *) IFS=, read -ra ids <<< "$visible"; NGPU=${#ids[@]} ;;
+      esac
+    fi
+  fi
+  if [ "$NGPU" -gt 0 ]; then
     export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     return 0
   fi
-  NGPU=0
   export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
   return 1
 }

@@ -40,6 +40,17 @@ def require(*modules: str):
     return mod
 
 
+def require_mcore_checkpoints() -> None:
+    """megatron-core (via `require`), and a torch whose distributed checkpoints keep its metadata: torch 2.9-2.12
+    drop the `mcore_data` megatron-core 0.12.1 adds (pytorch/pytorch#162948; seen with 2.11, docs/npu.md), so the
+    NPU backend's save stops with that explanation there."""
+    require("megatron.core")
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    if (2, 9) <= (major, minor) < (2, 13):
+        pytest.skip(f"torch {torch.__version__} drops megatron-core 0.12.1's checkpoint metadata "
+                    "(pytorch/pytorch#162948): the NPU backend cannot checkpoint with it")
+
+
 class LazyModule:
     """`transformers = LazyModule("transformers")` at module level: imported through `require` on first attribute
     use, so only the tests that use it skip without it (or fail under CI)."""

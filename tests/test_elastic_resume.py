@@ -25,7 +25,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import ROOT, child_env, require, torchrun_cmd
+from conftest import ROOT, child_env, require, require_mcore_checkpoints, torchrun_cmd
 from data_testutil import tiny_config
 from sail_dist.data.demo import ensure_demo
 from sail_dist.data.loader import StepLoader
@@ -230,7 +230,7 @@ def test_gpu_backend_resumes_on_another_dp_size(tmp_path, demo_dir):
 def test_npu_backend_resumes_on_another_dp_and_pp_layout(tmp_path, demo_dir):
     """Megatron dist_checkpointing (model + distributed optimizer in `fully_sharded_model_space`): DP 2 -> 1 and
     1 -> PP 2 (2 ranks, DP 1) of the dense demo model; losses against the uninterrupted 1-rank run."""
-    require("megatron.core")
+    require_mcore_checkpoints()
     runs = _elastic(tmp_path, demo_dir, ["backend.name=npu"],
                     {"one": (1, ["train.micro_batches=4"]), "two": (2, ["train.micro_batches=2"])})
     _check(*runs, tol=1e-6)

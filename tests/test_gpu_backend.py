@@ -1,6 +1,7 @@
 """GPU backend (DeepSpeed ZeRO-2) on CPU over gloo, against a plain single-process PyTorch AdamW reference."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -178,7 +179,17 @@ def _bf16_reference(config: str, overrides: list[str], dp: int) -> dict:
             "master": {n: m.detach().clone() for n, m in zip(names, master)}}
 
 
-@pytest.mark.parametrize("offload", ["none", "cpu", "cpu_adam"])
+@functools.cache
+def _bf16_references() -> tuple[dict, list[float], list[float]]:
+    """The bf16 test's two references (same precision recipe; fp32 losses and gradient norms), computed once for
+    its four cases: they share the config."""
+    same = _bf16_reference(TINY, [*COMMON, "train.micro_batches=4"], dp=2)
+    norms: list[float] = []
+    ref = reference_losses(TINY, [*COMMON, "train.micro_batches=4"], dp=2, grad_norms=norms)
+    return same, ref, norms
+
+
+@pytest.mark.parametrize("offload", ["none", "cpu", "cpu_adam", "zero1"])
 def test_bf16_fp32_grad_accumulation_tracks_fp32_reference(tmp_path, offload):
     """bf16 weights with fp32 gradient accumulation (DeepSpeed's device-side fp32 partition buffer, which with
     offload replaces the per-micro-batch host round trip): every micro-batch's gradient lands exactly once, the
@@ -202,26 +213,34 @@ def test_bf16_fp32_grad_accumulation_tracks_fp32_reference(tmp_path, offload):
         extra += ["backend.offload_optimizer=cpu", "backend.torch_adam=true"]
     if offload == "cpu_adam":
         extra += ["backend.offload_optimizer=cpu", "backend.torch_adam=false", "backend.offload_chunk=4096"]
+    if offload == "zero1":  # no offload, ZeRO-1: DeepSpeed's BF16_Optimizer (its gradient norm was 2.8x without the
+        extra += ["backend.zero_stage=1"]  # engine's clearing of the bf16 gradients after each micro-batch)
     run = _run_worker("_bf16_worker", tmp_path, [TINY, *COMMON, *extra])
     got = run["steps"]
     assert len(got) == 5 and not any(s["skipped"] for s in got)
     assert set(run["dtypes"].values()) == {"torch.bfloat16"}
-    same = _bf16_reference(TINY, [*COMMON, "train.micro_batches=4"], dp=2)
-    assert abs(got[0]["grad_norm"] - same["grad_norms"][0]) <= 1e-6 * same["grad_norms"][0]
+    same, ref, norms = _bf16_references()
+    # (ZeRO-1's BF16_Optimizer sums the fp32 gradients in another order than the reference: 3.8e-6 measured)
+    norm0_tol = 1e-5 if offload == "zero1" else 1e-6
+    assert abs(got[0]["grad_norm"] - same["grad_norms"][0]) <= norm0_tol * same["grad_norms"][0]
     for step, (g, loss, norm) in enumerate(zip(got, same["losses"], same["grad_norms"])):
         assert abs(g["loss"] - loss) <= 1e-4 * abs(loss), (step, g["loss"], loss)
         assert abs(g["grad_norm"] - norm) <= 2e-3 * norm, (step, g["grad_norm"], norm)
     # Each parameter's update (relative Frobenius error): after step 0, from the same weights, and after the last step,
     # where bf16 weight copies rounding differently have compounded.
     assert sorted(run["master"]) == sorted(same["master"])
-    for key, tol in (("master_step0", 2e-4), ("master", 2e-2)):
+    # ZeRO-1 (BF16_Optimizer) sums in another order: Adam's sign-like first step then flips the few near-zero
+    # elements (measured up to 8.8e-2 after step 0, 2.8e-2 after the last); its scale is checked separately.
+    tols = (("master_step0", 0.15), ("master", 5e-2)) if offload == "zero1" else (("master_step0", 2e-4), ("master", 2e-2))
+    for key, tol in tols:
         for n, final in same[key].items():
             want = (final - same["init"][n]).double()
             err = float(((run[key][n] - same["init"][n]).double() - want).norm() / want.norm())
             assert err <= tol, (key, n, err)
+            if offload == "zero1":  # and the update's scale along the reference's: a 10 % wrong lr moves it by 0.1
+                got_u = (run[key][n] - same["init"][n]).double()
+                assert abs(float((got_u * want).sum() / (want * want).sum()) - 1) <= 1e-2, (key, n)
     # bf16 against fp32: a micro-batch dropped or counted twice moves the step-0 norm by far more than bf16 rounding.
-    norms: list[float] = []
-    ref = reference_losses(TINY, [*COMMON, "train.micro_batches=4"], dp=2, grad_norms=norms)
     assert abs(got[0]["grad_norm"] - norms[0]) <= 1e-2 * norms[0], (got[0]["grad_norm"], norms[0])
     for step, (g, r) in enumerate(zip(got, ref)):
         assert abs(g["loss"] - r) <= 1e-2 * abs(r), (step, g["loss"], r)

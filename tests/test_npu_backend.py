@@ -10,13 +10,16 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import pickle
+import shutil
 import subprocess
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import ROOT, child_env, free_port, model_config, rel_err, require, torchrun_cmd
+from conftest import (ROOT, child_env, free_port, model_config, rel_err, require, require_mcore_checkpoints,
+                      torchrun_cmd)
 from dist.engine_run import grads_path, step_batches
 from sail_dist.config import ParallelConfig, PipelineSplit, load_config
 from sail_dist.kernels import get_opset
@@ -394,6 +397,7 @@ def test_full_state_dict_gathers_global_names_and_full_experts(tmp_path):
 def test_dist_checkpoint_resume_reproduces_the_uninterrupted_run(tmp_path):
     """PP 2 x EP 2: save at step 2, a fresh engine loads it and replays steps 3-4 bit for bit; the same
     checkpoint loaded into another layout (EP 2 alone, same DP data) continues the same run."""
+    require_mcore_checkpoints()
     got = torchrun(4, "resume", tmp_path, "train.steps=4", *TRAIN, "parallel.pp=2", "parallel.ep=2")
     assert len(got["uninterrupted"]) == len(got["resumed"]) == 2
     for a, b in zip(got["uninterrupted"], got["resumed"]):
@@ -402,6 +406,22 @@ def test_dist_checkpoint_resume_reproduces_the_uninterrupted_run(tmp_path):
                      CKPT=str(tmp_path / "ckpt"))
     for a, b in zip(got["uninterrupted"], other["resumed"]):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * a["loss"], (a, b)
+    # What torch 2.9-2.12 writes (pytorch/pytorch#162948): the metadata without Megatron's mcore_data. The save's
+    # read-back check sees it, and a load says why instead of calling the checkpoint corrupt.
+    from sail_dist.backends.npu.engine import _has_mcore_data
+
+    stripped = tmp_path / "stripped"
+    shutil.copytree(tmp_path / "ckpt", stripped)
+    with open(stripped / ".metadata", "rb") as f:
+        meta = pickle.load(f)
+    del meta.mcore_data
+    with open(stripped / ".metadata", "wb") as f:
+        pickle.dump(meta, f)
+    assert _has_mcore_data(str(tmp_path / "ckpt")) and not _has_mcore_data(str(stripped))
+    r = subprocess.run(torchrun_cmd(1, os.path.join(ROOT, "tests", "dist", "npu_run.py"), "load",
+                                    str(tmp_path / "stripped.json"), TINY_MOE, "train.steps=4", *TRAIN),
+                       env=child_env(CKPT=str(stripped)), capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "mcore_data" in r.stderr and "pytorch/pytorch#162948" in r.stderr, r.stderr[-3000:]
 
 
 def _demo_data(root) -> str:
@@ -430,28 +450,23 @@ def test_parity_with_the_gpu_backend(tmp_path):
 
 
 @pytest.mark.slow
-def test_npu_pretrain_sh_runs_and_resumes_on_cpu(tmp_path):
-    """The launcher itself, on CPU: the trainer with the NPU backend (PP 2 x EP 2, 4 processes), a checkpoint,
-    then a second launch resuming from it reproduces the uninterrupted run's last steps exactly."""
-    require("megatron.core")
-    env = child_env()
-    common = [f"data.demo_dir={_demo_data(tmp_path / 'demo')}", "train.steps=4", "train.save_every=2",
-              "train.eval_samples=0", "train.export_hf=false", "train.log_every=1"]
-
-    def launch(out, *extra):
-        r = subprocess.run(["bash", os.path.join(ROOT, "launch", "npu_pretrain.sh"), DEMO_NPU, *common,
-                            f"train.out_dir={out}", *extra], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=600)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-        assert "running the NPU backend on CPU" in r.stderr
-        return {row["step"]: row["loss"] for row in map(json.loads, open(os.path.join(out, "metrics.jsonl")))
-                if "loss" in row}
-
-    full = launch(tmp_path / "full")
-    assert sorted(full) == [1, 2, 3, 4] and full[4] < full[1]
-    resumed = launch(tmp_path / "resumed", f"train.resume={tmp_path / 'full' / 'checkpoints' / 'step_00000002'}")
-    assert sorted(resumed) == [3, 4]
-    assert resumed[3] == full[3] and resumed[4] == full[4]
+def test_npu_pretrain_sh_runs_and_checkpoints_on_cpu(tmp_path):
+    """The launcher itself, on CPU: the trainer with the NPU backend (PP 2 x EP 2, 4 processes) trains and writes
+    its checkpoints (each read back by the engine). Resuming them: the dist-checkpoint test above (bit for bit, and
+    into another layout) and tests/test_elastic_resume.py (`train.resume` on other DP / PP layouts)."""
+    require_mcore_checkpoints()
+    out = tmp_path / "full"
+    r = subprocess.run(["bash", os.path.join(ROOT, "launch", "npu_pretrain.sh"), DEMO_NPU,
+                        f"data.demo_dir={_demo_data(tmp_path / 'demo')}", "train.steps=4", "train.save_every=2",
+                        "train.eval_samples=0", "train.export_hf=false", "train.log_every=1", f"train.out_dir={out}"],
+                       cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "running the NPU backend on CPU" in r.stderr
+    losses = {row["step"]: row["loss"] for row in map(json.loads, open(out / "metrics.jsonl")) if "loss" in row}
+    assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
+    for step in (2, 4):
+        ckpt = out / "checkpoints" / f"step_{step:08d}"
+        assert (ckpt / "trainer.json").is_file() and (ckpt / "engine" / "metadata.json").is_file(), ckpt
 
 
 @pytest.mark.slow

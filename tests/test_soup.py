@@ -202,8 +202,10 @@ def test_soup_loads_via_init_from_and_trains_on(family, tmp_path, monkeypatch):
     assert all(torch.equal(exported[k], souped[k]) for k in exported)
     from sail_dist.train.trainer import train
 
+    # The GPU stays visible (on a GPU machine the run trains there): hiding it from a process whose CUDA is already
+    # initialised would hide it from DeepSpeed's accelerator only.
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""}.items():
+                 "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(k, v)
     from sail_dist.data.demo import ensure_demo
 

@@ -73,9 +73,12 @@ class MoE(nn.Module):
         probs_TE, topk_idx, topk_w = self.route(x_TD)
         y_TD = self.experts(x_TD, topk_idx, topk_w)
         with torch.no_grad():
-            counts_E = torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts).to(torch.float32)
-            # (a fill on the device: torch.tensor(..., device=) copies from pageable host memory, which makes the
+            # (scatter_add, not bincount: bincount on CUDA reads the largest id back to the host to size its output;
+            # and a fill, not torch.tensor(..., device=), which copies from pageable host memory: either makes the
             # host wait until the device's queue has drained, once per MoE layer)
+            idx_S = topk_idx.reshape(-1)
+            counts_E = x_TD.new_zeros(self.num_experts, dtype=torch.float32).scatter_add_(
+                0, idx_S, torch.ones_like(idx_S, dtype=torch.float32))
             tokens = counts_E.new_full((1,), float(x_TD.shape[0]))
             if self.reduce_counts is not None:
                 both = self.reduce_counts(torch.cat([counts_E, tokens]))

@@ -84,6 +84,12 @@ class DeepSpeedEngine(LayerGradRecorder):
                                     fused=fused, foreach=None if fused else True)
             self.ds, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=opt,
                                                                  config=self.ds_config)
+        # ZeRO-1 with bf16 weights and fp32 accumulation runs DeepSpeed's BF16_Optimizer, which (0.19.8) adds each
+        # micro-batch's bf16 gradients to its fp32 buffer without clearing them: micro-batch k of M counted M - k + 1
+        # times (tests/test_gpu_backend.py, the zero1 case). Cleared after each backward here.
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+        self.clear_bf16_grads = isinstance(self.ds.optimizer, BF16_Optimizer)
         zero12 = cfg.backend.zero_stage in (1, 2)
         offload = offload_step.install(self.ds.optimizer, cfg.backend.offload_chunk) if zero12 else ""
         batched = zero12 and zero_step.install(self.ds.optimizer)  # (wraps whichever step is installed)
@@ -94,9 +100,9 @@ class DeepSpeedEngine(LayerGradRecorder):
     def _ds_config(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         cuda = self.env.device.type == "cuda"
-        # overlap_comm: the reductions on a side stream during the backward, at the price of a device-wide synchronize
-        # at the end of each micro-batch's backward (DeepSpeed's epilogue); with one rank there is nothing to overlap.
-        overlap = cuda and self.env.dp_size > 1
+        # overlap_comm: the gradient copies into the reduction buckets and the reductions on a side stream during the
+        # backward (at one rank too: the copies then overlap the backward's kernels; BENCHMARKS.md, session 5).
+        overlap = cuda
         zero = {"stage": cfg.backend.zero_stage, "contiguous_gradients": True, "overlap_comm": overlap,
                 "reduce_scatter": True, "reduce_bucket_size": cfg.backend.reduce_bucket_size,
                 "allgather_bucket_size": 5e8}
@@ -147,6 +153,8 @@ class DeepSpeedEngine(LayerGradRecorder):
                 nxt = to_device(micro_batches[i + 1])
             if self.track_layer_grads and i == len(micro_batches) - 1:
                 self.last_layer_grads = self._layer_grads()  # reduced, before clipping and the step
+            if self.clear_bf16_grads:
+                self.ds.optimizer.clear_lp_grads()
             self.ds.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             sums[0] += share.loss.detach().double()
             for j, name in enumerate(obj.metrics):
