@@ -408,7 +408,7 @@ def test_dist_checkpoint_resume_reproduces_the_uninterrupted_run(tmp_path):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * a["loss"], (a, b)
     # What torch 2.9-2.12 writes (pytorch/pytorch#162948): the metadata without Megatron's mcore_data. The save's
     # read-back check sees it, and a load says why instead of calling the checkpoint corrupt.
-    from sail_dist.backends.npu.engine import _has_mcore_data
+    from sail_dist.backends.npu.megatron_compat import checkpoint_keeps_mcore_data
 
     stripped = tmp_path / "stripped"
     shutil.copytree(tmp_path / "ckpt", stripped)
@@ -417,7 +417,7 @@ def test_dist_checkpoint_resume_reproduces_the_uninterrupted_run(tmp_path):
     del meta.mcore_data
     with open(stripped / ".metadata", "wb") as f:
         pickle.dump(meta, f)
-    assert _has_mcore_data(str(tmp_path / "ckpt")) and not _has_mcore_data(str(stripped))
+    assert checkpoint_keeps_mcore_data(str(tmp_path / "ckpt")) and not checkpoint_keeps_mcore_data(str(stripped))
     r = subprocess.run(torchrun_cmd(1, os.path.join(ROOT, "tests", "dist", "npu_run.py"), "load",
                                     str(tmp_path / "stripped.json"), TINY_MOE, "train.steps=4", *TRAIN),
                        env=child_env(CKPT=str(stripped)), capture_output=True, text=True, timeout=600)

@@ -41,6 +41,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from sail_dist.backends.base import (DistEnv, LayerGradRecorder, TrainStepStats, all_reduce_sum, check_micro_batches,
                                     model_dtype)
+from sail_dist.backends.npu.megatron_compat import MCORE_DATA_LOST, checkpoint_keeps_mcore_data
 from sail_dist.config import Config
 from sail_dist.data.batch import PackedBatch
 from sail_dist.kernels import opset_for_backend
@@ -53,20 +54,6 @@ from sail_dist.parallel.pipeline import PipelinePlan, Workload, build_stages, pl
 from sail_dist.parallel.recipe import build_train_model
 
 log = logging.getLogger(__name__)
-
-
-# torch 2.9-2.12's checkpoint writer rebuilds its Metadata with dataclasses.replace, which drops `mcore_data`, the
-# attribute megatron-core 0.12.1 adds and reads back for the distributed optimizer's flattened shards
-# (pytorch/pytorch#162948; torch 2.13, which CI pins, keeps it; newer megatron-core no longer needs it).
-_MCORE_DATA_FIX = (f"its Megatron metadata (mcore_data) is missing, which torch {torch.__version__} drops when "
-                   "writing megatron-core 0.12.1's checkpoints (pytorch/pytorch#162948). Use torch <= 2.8 or >= 2.13 "
-                   "with megatron-core 0.12.1, or a megatron-core release that no longer stores mcore_data.")
-
-
-def _has_mcore_data(path: str) -> bool:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    return getattr(FileSystemReader(path).read_metadata(), "mcore_data", None) is not None
 
 
 def resolve_opset(cfg: Config, platform: str):
@@ -477,11 +464,11 @@ class MegatronEngine(LayerGradRecorder):
         dist.barrier()
         # Read back once, on rank 0, what a load needs: a torch whose checkpoint metadata drops the attribute
         # Megatron adds would otherwise write checkpoints that fail only at resume.
-        ok = [self.env.rank != 0 or _has_mcore_data(path)]
+        ok = [self.env.rank != 0 or checkpoint_keeps_mcore_data(path)]
         dist.broadcast_object_list(ok, src=0)
         if not ok[0]:
             from sail_dist.train.checkpoint import CheckpointError
-            raise CheckpointError(f"the checkpoint just written to {path} cannot be loaded back: " + _MCORE_DATA_FIX)
+            raise CheckpointError(f"the checkpoint just written to {path} cannot be loaded back: " + MCORE_DATA_LOST)
 
     def load(self, path: str) -> None:
         """Collective; `path` may come from a different PP / EP / DP layout (the keys are global)."""
@@ -496,7 +483,7 @@ class MegatronEngine(LayerGradRecorder):
             if "mcore_data" not in str(e):
                 raise
             from sail_dist.train.checkpoint import CheckpointError
-            raise CheckpointError(f"{path} cannot be loaded: " + _MCORE_DATA_FIX) from e
+            raise CheckpointError(f"{path} cannot be loaded: " + MCORE_DATA_LOST) from e
         with torch.no_grad():
             for name, t in loaded["model"].items():
                 params[name].copy_(t)

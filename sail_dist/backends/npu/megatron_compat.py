@@ -21,6 +21,9 @@ numerics.
   which has no per-parameter `step` (it is stored once, in the param groups) -> KeyError. Fixed by
   keeping the already-restored step for the missing key and giving each parameter its own step tensor.
 
+Not fixable here, only explained: torch 2.9-2.12 drop the `mcore_data` megatron-core adds to a checkpoint's
+metadata (`checkpoint_keeps_mcore_data`, `MCORE_DATA_LOST`; the engine checks each save and names it on load).
+
 """
 from __future__ import annotations
 
@@ -107,3 +110,17 @@ def _fix_quantize_param_shard() -> None:
     distrib_optimizer.quantize_param_shard = quantize_param_shard
     fp8_utils.quantize_param_shard = quantize_param_shard
 
+
+# torch 2.9-2.12's checkpoint writer rebuilds its Metadata with dataclasses.replace, which drops `mcore_data`, the
+# attribute megatron-core 0.12.1 adds and reads back for the distributed optimizer's flattened shards
+# (pytorch/pytorch#162948; torch 2.13, which CI pins, keeps it; newer megatron-core no longer needs it).
+MCORE_DATA_LOST = (f"its Megatron metadata (mcore_data) is missing, which torch {torch.__version__} drops when "
+                   "writing megatron-core 0.12.1's checkpoints (pytorch/pytorch#162948). Use torch <= 2.8 or >= 2.13 "
+                   "with megatron-core 0.12.1, or a megatron-core release that no longer stores mcore_data.")
+
+
+def checkpoint_keeps_mcore_data(path: str) -> bool:
+    """Whether the dist checkpoint at `path` kept the metadata megatron-core 0.12.1 needs to load it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return getattr(FileSystemReader(path).read_metadata(), "mcore_data", None) is not None
