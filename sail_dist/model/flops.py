@@ -92,13 +92,22 @@ def adapter_linear(cfg: ModelConfig, patches: int) -> float:
     return 2.0 * n * merged * hidden + 2.0 * n * hidden * cfg.llm.hidden_size
 
 
+def llm_layer_attn_proj_per_token(cfg: LLMConfig) -> float:
+    """Weight-matmul FLOPs per token of a decoder layer's attention block (qkv and output projections)."""
+    D, hd = cfg.hidden_size, cfg.head_dim
+    return 2.0 * D * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + 2.0 * cfg.num_heads * hd * D
+
+
+def moe_experts_per_token(cfg: LLMConfig) -> float:
+    """Weight-matmul FLOPs per token of an MoE layer's top-k active experts (SwiGLU: gate, up, down)."""
+    return cfg.top_k * 6.0 * cfg.hidden_size * cfg.moe_ffn_size
+
+
 def llm_layer_linear_per_token(cfg: LLMConfig, i: int) -> float:
     """Weight-matmul FLOPs per token of decoder layer i (MoE: the router and the top-k active experts)."""
-    D, hd = cfg.hidden_size, cfg.head_dim
-    attn_proj = 2.0 * D * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + 2.0 * cfg.num_heads * hd * D
     if cfg.is_moe_layer(i):
-        return attn_proj + 2.0 * D * cfg.num_experts + cfg.top_k * 6.0 * D * cfg.moe_ffn_size
-    return attn_proj + 6.0 * D * cfg.ffn_size
+        return llm_layer_attn_proj_per_token(cfg) + 2.0 * cfg.hidden_size * cfg.num_experts + moe_experts_per_token(cfg)
+    return llm_layer_attn_proj_per_token(cfg) + 6.0 * cfg.hidden_size * cfg.ffn_size
 
 
 def llm_layer_attention(cfg: LLMConfig, seqlen: int, causal_half: bool = True) -> float:
