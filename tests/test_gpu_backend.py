@@ -78,12 +78,13 @@ def test_zero2_two_ranks_equal_reference(tmp_path, offload):
     assert ref[-1] < ref[0]  # it trains
 
 
-def _run_worker(worker: str, tmp_path, args: list[str]) -> dict:
-    """Run this file's `worker` function on 2 ranks under torchrun (argv: OUT.pt args...); its saved results."""
+def _run_worker(worker: str, tmp_path, args: list[str], nproc: int = 2) -> dict:
+    """Run this file's `worker` function on `nproc` ranks under torchrun (argv: OUT.pt args...); its saved results."""
     import sys
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "out.pt"
-    cmd = torchrun_cmd(2, "--no-python", sys.executable, "-c", f"from test_gpu_backend import {worker}; {worker}()",
+    cmd = torchrun_cmd(nproc, "--no-python", sys.executable, "-c", f"from test_gpu_backend import {worker}; {worker}()",
                        str(out), *args)
     r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
@@ -100,6 +101,11 @@ def _bf16_worker() -> None:
     from sail_dist.backends.base import get_backend
 
     out_path, config, *overrides = sys.argv[1:]
+    if "--deepspeed-reduction" in overrides:  # DeepSpeed's own gradient path (the patch's anchor)
+        from sail_dist.backends.gpu import zero_step
+
+        overrides.remove("--deepspeed-reduction")
+        zero_step.install_reduction = lambda zero_optimizer: ""
     cfg = load_config(config, ["data.demo=true", *overrides])
     backend = get_backend(cfg.backend.name)
     env = backend.setup(cfg)
@@ -115,7 +121,7 @@ def _bf16_worker() -> None:
         if step in (0, cfg.train.steps - 1):
             masters.append(master())
     if env.rank == 0:
-        torch.save({"steps": steps, "master_step0": masters[0], "master": masters[-1],
+        torch.save({"steps": steps, "master_step0": masters[0], "master": masters[-1], "reduction": engine.reduction,
                     "dtypes": {n: str(p.dtype) for n, p in engine.model.named_parameters()}}, out_path)
     backend.teardown()
 
@@ -244,6 +250,24 @@ def test_bf16_fp32_grad_accumulation_tracks_fp32_reference(tmp_path, offload):
     assert abs(got[0]["grad_norm"] - norms[0]) <= 1e-2 * norms[0], (got[0]["grad_norm"], norms[0])
     for step, (g, r) in enumerate(zip(got, ref)):
         assert abs(g["loss"] - r) <= 1e-2 * abs(r), (step, g["loss"], r)
+
+
+def test_bf16_one_rank_reduction_equals_deepspeeds_bitwise(tmp_path):
+    """At one rank the engine's gradient path into DeepSpeed's fp32 accumulation buffer skips the reduction
+    (backends/gpu/zero_step.py `install_reduction`: no flatten, collective, copy back or division, the cast inside
+    the add): the same fp32 sums as DeepSpeed's own path, so the same run bit for bit. Many buckets, micro-batches
+    without images; on CUDA (the GPU test run) with overlap_comm, the adds on DeepSpeed's reduction stream."""
+    require("deepspeed")
+    args = [TINY, *COMMON, "train.precision=bf16", "backend.grad_accum_dtype=fp32", "train.micro_batches=4",
+            "backend.reduce_bucket_size=4096"]
+    ours = _run_worker("_bf16_worker", tmp_path / "ours", args, nproc=1)
+    theirs = _run_worker("_bf16_worker", tmp_path / "deepspeed", [*args, "--deepspeed-reduction"], nproc=1)
+    assert ours["reduction"] == "in_place+one_rank" and theirs["reduction"] == ""
+    assert ours["steps"] == theirs["steps"] and not any(s["skipped"] for s in ours["steps"])
+    for key in ("master_step0", "master"):
+        assert sorted(ours[key]) == sorted(theirs[key])
+        for n, t in ours[key].items():
+            assert torch.equal(t, theirs[key][n]), (key, n)
 
 
 def _nonfinite_worker() -> None:

@@ -11,13 +11,16 @@ from conftest import ROOT
 
 
 def _detect(tmp_path, visible: str | None, gpus_on_node: int | None = 8) -> tuple[int, str, str]:
-    """(return status, NGPU, DS_ACCELERATOR) of sail_detect_gpus with a fake nvidia-smi listing the node's GPUs."""
+    """(return status, NGPU, DS_ACCELERATOR) of sail_detect_gpus with a fake nvidia-smi listing the node's GPUs
+    (`gpus_on_node=None`: one that fails)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     if gpus_on_node is not None:
         lines = "".join(f"GPU {i}: NVIDIA H200 (UUID: GPU-{i})\\n" for i in range(gpus_on_node))
         (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\nprintf '{lines}'\n")
-        (bin_dir / "nvidia-smi").chmod(0o755)
+    else:  # a node without a working driver: nvidia-smi fails (it shadows a real one on a GPU machine's PATH)
+        (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR")}
     env["PATH"] = f"{bin_dir}:/usr/bin:/bin"
     if visible is not None:
@@ -35,5 +38,5 @@ def test_ranks_follow_cuda_visible_devices(tmp_path, visible, expect):
     assert _detect(tmp_path, visible) == expect
 
 
-def test_no_nvidia_smi_is_the_cpu_path(tmp_path):
+def test_failing_nvidia_smi_is_the_cpu_path(tmp_path):
     assert _detect(tmp_path, None, gpus_on_node=None) == (1, "0", "cpu")

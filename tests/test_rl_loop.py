@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, child_env, require
+from conftest import ROOT, child_env, require, require_mcore_checkpoints
 from sail_dist.config import load_config
 from sail_dist.rl.loop import PromptStream, Rollout, plan_updates, sequence_batch
 
@@ -208,7 +208,8 @@ def test_rl_loop_same_updates_on_both_backends(tmp_path):
     """The whole loop (sampler on rank 0, broadcast, balanced micro-batches, old log-probs, two updates) under
     torchrun, 2 ranks: GPU backend (ZeRO-2, dp 2) vs NPU backend (Megatron pp 2): the same rollouts and rewards and
     per-update losses / gradient norms within 1e-5."""
-    require("deepspeed", "megatron.core")
+    require("deepspeed")
+    require_mcore_checkpoints()  # (the loop checkpoints the NPU backend at its end)
     from conftest import torchrun_cmd
 
     args = ["train.objective=dapo", "rl.episodes=1", "rl.prompts_per_episode=3", "rl.group_size=4",

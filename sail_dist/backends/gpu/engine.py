@@ -93,9 +93,11 @@ class DeepSpeedEngine(LayerGradRecorder):
         zero12 = cfg.backend.zero_stage in (1, 2)
         offload = offload_step.install(self.ds.optimizer, cfg.backend.offload_chunk) if zero12 else ""
         batched = zero12 and zero_step.install(self.ds.optimizer)  # (wraps whichever step is installed)
-        log.info("GPU backend: ZeRO-%d, %s, opset=%s, offload=%s%s, trainable=%s, batched norm/overflow check=%s",
-                 cfg.backend.zero_stage, self.dtype, self.ops.name, cfg.backend.offload_optimizer,
-                 f" ({offload})" if offload else "", self.trainable, batched)
+        self.reduction = zero_step.install_reduction(self.ds.optimizer) if zero12 else ""
+        log.info("GPU backend: ZeRO-%d, %s, opset=%s, offload=%s%s, trainable=%s, batched norm/overflow check=%s, "
+                 "fp32 accumulation path=%s", cfg.backend.zero_stage, self.dtype, self.ops.name,
+                 cfg.backend.offload_optimizer, f" ({offload})" if offload else "", self.trainable, batched,
+                 self.reduction or "DeepSpeed's")
 
     def _ds_config(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
