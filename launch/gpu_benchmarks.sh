@@ -10,8 +10,9 @@
 # parts (default 2b,compile,offload,scale,a3b; also offload_ds = the offload run on DeepSpeed's own host step,
 # recipe = the offload pair at 16 micro-batches, profile /
 # a3b_profile = profiled 2B / reduced-A3B steps with the idle time's sources, eager_torch = the 2b run with
-# backend.kernels.elementwise=false, coldstart = the compiled first step on an empty and then a warm compile cache); BENCH_EXTRA is
-# appended to every run (e.g. BENCH_EXTRA=train.compile=true).
+# backend.kernels.elementwise=false, coldstart = the compiled first step on an empty and then a warm compile cache,
+# parts = one micro-batch's forward + backward by part, bench.model_parts, for the 2B and the reduced A3B shapes);
+# BENCH_EXTRA is appended to every run (e.g. BENCH_EXTRA=train.compile=true).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/common.sh"
@@ -67,11 +68,21 @@ if part profile; then
   bench 2b_profile 1 "${TWO_B[@]}" --micro-batches 2 --steps 5 --warmup 2 --profile --trace "$OUT_DIR/2b_trace.json.gz"; fi
 if part a3b_profile; then
   bench a3b4_profile 1 "${A3B[@]}" --steps 5 --profile --trace "$OUT_DIR/a3b_trace.json.gz"; fi
+if part parts; then
+  for shape in 2b a3b; do
+    echo "=== parts_$shape (1 GPU) ===" >&2
+    if [ "$shape" = 2b ]; then args=(--model configs/model/sailvl2_2b.yaml --tiles-per-sample 2); else
+      args=(--model configs/model/sailvl2_a3b.yaml --llm-layers 4 --tiles-per-sample 1 model.vit.num_layers=2); fi
+    timeout "${BENCH_TIMEOUT:-420}" python3 -m sail_dist.bench.model_parts --label "parts_$shape" "${args[@]}" \
+      ${BENCH_EXTRA:-} 2>"$OUT_DIR/parts_$shape.err" | tee "$OUT_DIR/parts_$shape.parts" | grep -v '^{' >&2
+  done; fi
 echo "=== summary ===" >&2
-cat "$OUT_DIR"/*.out | grep '^{"label"' > "$OUT_DIR/all.jsonl"
-python3 - "$OUT_DIR/all.jsonl" <<'PY'
+cat "$OUT_DIR"/*.out 2>/dev/null | grep '^{"label"' > "$OUT_DIR/all.jsonl"
+cat "$OUT_DIR"/*.parts 2>/dev/null | grep '^{"label"' > "$OUT_DIR/parts.jsonl"
+python3 - "$OUT_DIR/all.jsonl" "$OUT_DIR/parts.jsonl" <<'PY'
 import json, sys
 rows = {r["label"]: r for r in map(json.loads, open(sys.argv[1]))}
+parts = {r["label"]: {p["part"]: p["of_peak"] for p in r["parts"]} for r in map(json.loads, open(sys.argv[2]))}
 print(f"{'run':<22}{'GPUs':>5}{'step s':>9}{'tok/s/GPU':>11}{'MFU':>7}{'mem GiB':>9}")
 for k, r in rows.items():
     print(f"{k:<22}{r['world_size']:>5}{r['step_s']:>9.3f}{r['tokens_per_s_per_device']:>11.0f}{100*r['mfu']:>6.1f}%{r['peak_mem_gib']:>9.1f}")
@@ -98,5 +109,7 @@ if "2b_zero2" in rows and "2b_zero2_torch_elementwise" in rows:
     fig["eager_speedup_triton_elementwise"] = rows["2b_zero2_torch_elementwise"]["step_s"] / rows["2b_zero2"]["step_s"]
 if "a3b4_grouped_mm" in rows and "a3b4_triton" in rows:
     fig["a3b_e2e_speedup_triton_vs_grouped_mm"] = rows["a3b4_grouped_mm"]["step_s"] / rows["a3b4_triton"]["step_s"]
+if parts:
+    fig["parts_of_peak"] = parts  # per shape, each part's share of the device's peak (bench.model_parts)
 print(json.dumps({"runs": rows, **fig}))
 PY
