@@ -23,6 +23,8 @@ bf16 peak. `device ms` repeats the timing with the runs queued behind a `torch.c
 time is off the clock: where it is well below `ms`, the part is launch-bound; a part whose code waits on the
 device (the embedding's one read of the image slots) refills the queue from empty and shows no difference.
 Gradients are dropped between runs (no accumulation kernel in the figure), as the engine's ZeRO hooks take them.
+With `train.compile=true` the rows run what the recipe compiled: dense layers are compiled whole, so their
+attention / mlp rows (the sub-modules called alone) run eager there.
 
 `--profile PART` runs that part under torch.profiler and prints its kernels and their split by kind (matmul /
 attention / elementwise / copies / ...; bench.train_step's table). Ends with one JSON line. On CPU it runs the
