@@ -252,17 +252,19 @@ def test_bf16_fp32_grad_accumulation_tracks_fp32_reference(tmp_path, offload):
         assert abs(g["loss"] - r) <= 1e-2 * abs(r), (step, g["loss"], r)
 
 
-def test_bf16_one_rank_reduction_equals_deepspeeds_bitwise(tmp_path):
-    """At one rank the engine's gradient path into DeepSpeed's fp32 accumulation buffer skips the reduction
-    (backends/gpu/zero_step.py `install_reduction`: no flatten, collective, copy back or division, the cast inside
-    the add): the same fp32 sums as DeepSpeed's own path, so the same run bit for bit. Many buckets, micro-batches
-    without images; on CUDA (the GPU test run) with overlap_comm, the adds on DeepSpeed's reduction stream."""
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_bf16_reduction_path_equals_deepspeeds_bitwise(tmp_path, nproc):
+    """The engine's gradient path into DeepSpeed's fp32 accumulation buffer (backends/gpu/zero_step.py
+    `install_reduction`: each bucket's span all-reduced in place instead of a flattened copy, the cast inside the
+    add; at one rank no collective or division) makes the same fp32 sums as DeepSpeed's own path, so the same run
+    bit for bit, at one rank and at two. Many buckets, micro-batches without images; on CUDA (the GPU test run,
+    one rank) with overlap_comm, the adds on DeepSpeed's reduction stream."""
     require("deepspeed")
     args = [TINY, *COMMON, "train.precision=bf16", "backend.grad_accum_dtype=fp32", "train.micro_batches=4",
             "backend.reduce_bucket_size=4096"]
-    ours = _run_worker("_bf16_worker", tmp_path / "ours", args, nproc=1)
-    theirs = _run_worker("_bf16_worker", tmp_path / "deepspeed", [*args, "--deepspeed-reduction"], nproc=1)
-    assert ours["reduction"] == "in_place+one_rank" and theirs["reduction"] == ""
+    ours = _run_worker("_bf16_worker", tmp_path / "ours", args, nproc=nproc)
+    theirs = _run_worker("_bf16_worker", tmp_path / "deepspeed", [*args, "--deepspeed-reduction"], nproc=nproc)
+    assert ours["reduction"] == ("in_place+one_rank" if nproc == 1 else "in_place") and theirs["reduction"] == ""
     assert ours["steps"] == theirs["steps"] and not any(s["skipped"] for s in ours["steps"])
     for key in ("master_step0", "master"):
         assert sorted(ours[key]) == sorted(theirs[key])

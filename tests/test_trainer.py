@@ -12,6 +12,7 @@ import time
 import pytest
 
 from conftest import ROOT, child_env, require, torchrun_cmd
+from sail_dist.config import load_config
 
 DEMO = os.path.join(ROOT, "configs", "demo", "demo.yaml")
 
@@ -98,10 +99,14 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, demo_dir):
     assert r.returncode != 0
     assert f"checkpoint {ckpt} is corrupt: cannot read {ckpt}/rank_00000.pt" in r.stderr
     assert "set train.resume to an earlier step_* directory" in r.stderr
-    # A half-written save (no COMPLETE marker) is never picked up.
+    # A half-written save (no COMPLETE marker) is never picked up (the trainer's and the RL loop's resume go through
+    # resolve_resume): `auto` starts fresh, naming it is an error.
+    from sail_dist.train.checkpoint import CheckpointError, resolve_resume
+
     os.remove(os.path.join(ckpt, "COMPLETE"))
-    r = _run(_cmd(1, out, demo_dir, "train.steps=1", "train.micro_batches=1"))
-    assert r.returncode == 0 and "resumed from" not in r.stdout
+    assert resolve_resume(load_config(DEMO, [f"train.out_dir={out}", "train.resume=auto"])) is None
+    with pytest.raises(CheckpointError, match="no COMPLETE marker"):
+        resolve_resume(load_config(DEMO, [f"train.out_dir={out}", f"train.resume={ckpt}"]))
 
 
 def test_bad_config_names_the_key(tmp_path, demo_dir):
