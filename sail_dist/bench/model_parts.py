@@ -41,9 +41,9 @@ from typing import Callable
 import torch
 
 from sail_dist.backends.base import model_dtype
-from sail_dist.bench.train_step import micro_batch, report_profile
+from sail_dist.backends.gpu.engine import resolve_opset
+from sail_dist.bench.train_step import add_shape_args, micro_batch, report_profile, shape_overrides
 from sail_dist.config import load_config
-from sail_dist.kernels import opset_for_backend
 from sail_dist.model.flops import (batch_flops_by_part, llm_layer_attention, llm_layer_attn_proj_per_token,
                                    moe_experts_per_token)
 from sail_dist.model.moe import MoE
@@ -179,11 +179,7 @@ def _clock_hz() -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="configs/model/sailvl2_2b.yaml")
-    p.add_argument("--llm-layers", type=int, default=0, help="reduce the LLM depth (0 = as configured)")
-    p.add_argument("--seq", type=int, default=8192)
-    p.add_argument("--sample-len", type=int, default=2048)
-    p.add_argument("--tiles-per-sample", type=int, default=2)
+    add_shape_args(p)
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
@@ -196,11 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
     wanted = [x for x in a.parts.split(",") if x]
     if unknown := sorted(set(wanted) - set(PARTS)):
         p.error(f"--parts: unknown {unknown}; choose from {PARTS}")
-    over = ["data.demo=true", *([f"model.llm.num_layers={a.llm_layers}"] if a.llm_layers else []), *a.overrides]
-    cfg = load_config(a.model, over)
+    cfg = load_config(a.model, [*shape_overrides(a), *a.overrides])
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    ops = opset_for_backend("gpu" if cuda else "reference", cfg.backend)
+    ops = resolve_opset(cfg, device)  # (the GPU engine's choice: backend.opset, `auto` by device)
     t0 = time.perf_counter()
     model, _ = build_train_model(cfg, ops, aux_loss_weight=cfg.model.llm.aux_loss_coeff, reduce_counts=None)
     model.to(device=device, dtype=model_dtype(cfg, device)).train()
@@ -217,10 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
             ms[name] = time_part(runners[name], model, a.repeats, a.warmup, cuda)
             if cuda and not a.no_device_time:
                 device_ms[name] = time_part(runners[name], model, a.repeats, 0, cuda, queued=True)
-    if "rest" in wanted and {"whole", "llm_layers", "head"} <= set(ms):  # (vision: absent without images)
-        for t in (ms, device_ms):
-            if {"whole", "llm_layers", "head"} <= set(t):
-                t["rest"] = t["whole"] - t.get("vision", 0.0) - t["llm_layers"] - t["head"]
+    for t in (ms, device_ms) if "rest" in wanted else ():  # (vision: absent without images)
+        if {"whole", "llm_layers", "head"} <= set(t):
+            t["rest"] = t["whole"] - t.get("vision", 0.0) - t["llm_layers"] - t["head"]
 
     rows = []
     print(f"{'part':<12}{'x':>4}{'ms':>10}{'device ms':>11}{'TFLOP':>9}{'TFLOP/s':>9}{'of peak':>9}")

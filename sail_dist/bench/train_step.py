@@ -31,6 +31,20 @@ from sail_dist.train.lr import lr_at
 from sail_dist.train.metrics import peak_flops
 
 
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """The model and micro-batch shape arguments both training benchmarks take (see `micro_batch`, `shape_overrides`)."""
+    p.add_argument("--model", default="configs/model/sailvl2_2b.yaml")
+    p.add_argument("--llm-layers", type=int, default=0, help="reduce the LLM depth (0 = as configured)")
+    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--sample-len", type=int, default=2048)
+    p.add_argument("--tiles-per-sample", type=int, default=2)
+
+
+def shape_overrides(a: argparse.Namespace) -> list[str]:
+    """Config overrides of the shape arguments: the demo data switch, the reduced LLM depth."""
+    return ["data.demo=true", *([f"model.llm.num_layers={a.llm_layers}"] if a.llm_layers else [])]
+
+
 def micro_batch(cfg, seq: int, sample_len: int, tiles: int, seed: int):
     g = cfg.model.vit.grid
     n = max(seq // sample_len, 1)
@@ -225,11 +239,7 @@ def report_idle(trace_path: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="configs/model/sailvl2_2b.yaml")
-    p.add_argument("--llm-layers", type=int, default=0, help="reduce the LLM depth (0 = as configured)")
-    p.add_argument("--seq", type=int, default=8192)
-    p.add_argument("--sample-len", type=int, default=2048)
-    p.add_argument("--tiles-per-sample", type=int, default=2)
+    add_shape_args(p)
     p.add_argument("--micro-batches", type=int, default=2)
     p.add_argument("--offload", default="none", choices=["none", "cpu"])
     p.add_argument("--backend", default="gpu")
@@ -244,9 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_intermixed_args(argv)
     # the engine's and the compile workers' log lines (stderr; stdout ends with the JSON line)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    over = ["data.demo=true", f"train.steps={a.steps}", f"train.micro_batches={a.micro_batches}", "train.lr=1e-5",
+    over = [*shape_overrides(a), f"train.steps={a.steps}", f"train.micro_batches={a.micro_batches}", "train.lr=1e-5",
             f"backend.name={a.backend}", f"backend.offload_optimizer={a.offload}", "train.out_dir=/tmp/sail_bench",
-            *([f"model.llm.num_layers={a.llm_layers}"] if a.llm_layers else []), *a.overrides]
+            *a.overrides]
     cfg = load_config(a.model, over)
     backend = get_backend(cfg.backend.name)
     env = backend.setup(cfg)

@@ -152,7 +152,7 @@ def _allreduce_and_add(self, small_bucket, communication_data_type, log=None, di
     for buf, bucket_rank, output in zip(small_bucket, bucket_ranks, output_bucket or [None] * len(small_bucket)):
         mine = local in bucket_rank if isinstance(bucket_rank, frozenset) else local == bucket_rank
         if mine and output is not None:
-            output.add_(buf.view_as(output))
+            _add_in_place(output, buf.view_as(output))
             if record:
                 buf.record_stream(self.reduction_stream)
 
