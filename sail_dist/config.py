@@ -535,7 +535,7 @@ class BackendConfig:
     moe_impl: Literal["triton", "grouped_mm", "loop"] = "triton"  # GPU OpSet's expert implementation
     # GPU OpSet's varlen attention; auto: flash-attn if installed, else torch's flash kernels (aten_flash) on CUDA,
     # else torch's varlen_attn, else the reference
-    attention_impl: Literal["auto", "flash_attn", "aten_flash", "torch_varlen", "reference"] = "auto"
+    attention_impl: Literal["auto", "triton", "flash_attn", "aten_flash", "torch_varlen", "reference"] = "auto"
     zero_stage: int = 2
     offload_optimizer: Literal["none", "cpu"] = "none"
     torch_adam: bool = False  # with CPU offload: torch Adam instead of DeepSpeedCPUAdam (skips its JIT build)

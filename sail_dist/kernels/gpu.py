@@ -1,6 +1,6 @@
 """The GPU OpSet (NVIDIA): varlen flash attention, Triton fused MoE experts, vocab-chunked linear cross-entropy.
 
-    get_opset("gpu", moe_impl="triton" | "grouped_mm" | "loop", attention_impl="auto" | "flash_attn" |
+    get_opset("gpu", moe_impl="triton" | "grouped_mm" | "loop", attention_impl="auto" | "triton" | "flash_attn" |
               "aten_flash" | "torch_varlen" | "reference", kernels=KernelConfig(...))
 
 `kernels` (the config's `backend.kernels`, table in docs/gpu.md) selects the Triton experts' paths.
@@ -32,7 +32,7 @@ from sail_dist.kernels.triton import interpreting
 log = logging.getLogger(__name__)
 
 MOE_IMPLS = ("triton", "grouped_mm", "loop")
-ATTENTION_IMPLS = ("auto", "flash_attn", "aten_flash", "torch_varlen", "reference")
+ATTENTION_IMPLS = ("auto", "triton", "flash_attn", "aten_flash", "torch_varlen", "reference")
 
 
 @functools.cache
@@ -88,6 +88,14 @@ def _make_torch_varlen_attention():
     return attention
 
 
+def _triton_flash_module():
+    try:
+        from sail_dist.kernels.triton import flash_attention
+    except ImportError:
+        return None
+    return flash_attention
+
+
 def _aten_flash_available() -> bool:
     return torch.cuda.is_available() and hasattr(torch.ops.aten, "_flash_attention_forward")
 
@@ -130,6 +138,8 @@ def _resolve_attention(attention_impl: str) -> str:
         if _torch_varlen_fn() is not None:
             return "torch_varlen"
         return "reference"
+    if attention_impl == "triton" and _triton_flash_module() is None:
+        raise ImportError("attention_impl='triton' but triton is not importable")
     if attention_impl == "flash_attn" and _flash_attn_fn() is None:
         raise ImportError("attention_impl='flash_attn' but flash_attn is not importable")
     if attention_impl == "aten_flash" and not _aten_flash_available():
@@ -141,8 +151,23 @@ def _resolve_attention(attention_impl: str) -> str:
 
 def make_attention(attention_impl: str = "auto"):
     """attention(q[T,Hq,D], k, v, cu_seqlens, max_seqlen, causal) on the chosen kernel; the reference
-    for CPU tensors and for dtypes the flash kernels lack (fp32)."""
+    for CPU tensors and for dtypes the flash kernels lack (fp32). "triton" (sail_dist/kernels/triton/
+    flash_attention.py) takes head dims 16-128 (powers of 2) and also runs CPU tensors in Triton's interpreter;
+    other head dims go to torch's flash kernels (`aten_flash`) when there, else the reference."""
     impl = _resolve_attention(attention_impl)
+    if impl == "triton":
+        mod = _triton_flash_module()
+        _log_once("sail_dist gpu OpSet: attention = triton")
+
+        def attention(q, k, v, cu_seqlens, max_seqlen, causal):
+            if not mod.supported_head_dim(q.shape[-1]) or not (q.is_cuda or mod.INTERPRET):
+                if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _aten_flash_available():
+                    return _aten_flash_attention(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), causal)
+                return ref.attention(q, k, v, cu_seqlens, max_seqlen, causal)
+            return mod.flash_attention(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), causal)
+
+        attention.impl = impl
+        return attention
     if impl == "torch_varlen":
         fast = _make_torch_varlen_attention()
     else:
