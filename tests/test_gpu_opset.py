@@ -77,7 +77,7 @@ def test_opset_options():
         with pytest.raises(ImportError):
             get_opset("gpu", attention_impl="flash_attn")
     auto = get_opset("gpu").attention.impl
-    assert auto in ("flash_attn", "aten_flash", "torch_varlen", "reference")
+    assert auto in ("triton", "flash_attn", "aten_flash", "torch_varlen", "reference")
 
 
 @parent_only
@@ -347,7 +347,7 @@ def test_moe_triton_cuda_fresh_inputs_repeatable():
 
 @cuda
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("impl", ["auto", "aten_flash", "torch_varlen", "flash_attn"])
+@pytest.mark.parametrize("impl", ["auto", "triton", "aten_flash", "torch_varlen", "flash_attn"])
 def test_attention_cuda_bf16(causal, impl):
     """Each varlen kernel against the fp32 reference: output and dq / dk / dv, GQA (8 query heads on 2 kv heads),
     q / k / v as strided views of one projection (the ViT's layout)."""

@@ -96,6 +96,11 @@ def _triton_flash_module():
     return flash_attention
 
 
+def _hopper() -> bool:
+    """Hopper (sm_90: H100, H200), where the Triton kernel was measured faster than FlashAttention-2 (BENCHMARKS.md)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
 def _aten_flash_available() -> bool:
     return torch.cuda.is_available() and hasattr(torch.ops.aten, "_flash_attention_forward")
 
@@ -131,6 +136,8 @@ def _resolve_attention(attention_impl: str) -> str:
     if attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl={attention_impl!r}; choose one of {ATTENTION_IMPLS}")
     if attention_impl == "auto":
+        if _hopper() and _triton_flash_module() is not None:
+            return "triton"
         if _flash_attn_fn() is not None:
             return "flash_attn"
         if _aten_flash_available():
