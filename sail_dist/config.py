@@ -533,8 +533,8 @@ class BackendConfig:
     name: Literal["gpu", "npu"] = "gpu"
     opset: str = "auto"  # auto: the backend's default (gpu -> "gpu" on CUDA else "reference"; npu -> npu/npu_emulated)
     moe_impl: Literal["triton", "grouped_mm", "loop"] = "triton"  # GPU OpSet's expert implementation
-    # GPU OpSet's varlen attention; auto: flash-attn if installed, else torch's flash kernels (aten_flash) on CUDA,
-    # else torch's varlen_attn, else the reference
+    # GPU OpSet's varlen attention; auto: our Triton kernel on Hopper, else flash-attn if installed, else torch's
+    # flash kernels (aten_flash) on CUDA, else torch's varlen_attn, else the reference
     attention_impl: Literal["auto", "triton", "flash_attn", "aten_flash", "torch_varlen", "reference"] = "auto"
     zero_stage: int = 2
     offload_optimizer: Literal["none", "cpu"] = "none"

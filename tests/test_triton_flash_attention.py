@@ -128,6 +128,52 @@ def test_bf16_at_the_model_head_dim(causal, Hq, Hkv):
     _check([1, 63, 128, 129, 700, 255], Hq, Hkv, 128, causal, torch.bfloat16, 1e-2)
 
 
+@here
+@pytest.mark.parametrize("model", ["tiny", pytest.param("tiny_moe", marks=cuda_only)])
+def test_compiled_model_on_the_gpu_opset_equals_eager(model, monkeypatch):
+    """The GPU OpSet with the Triton attention (custom ops inside the compiled layers), fp32, compiled per block as
+    train.compile does: loss and every gradient equal the eager model's across two packed lengths. On CUDA the
+    whole GPU OpSet (Triton experts and element-wise kernels where they run eagerly); on CPU, in Triton's
+    interpreter, the attention alone is Triton (the other kernels there would only add interpreter minutes)."""
+    import copy
+    import os
+
+    from conftest import ROOT
+    from sail_dist.config import KernelConfig, load_config
+    from sail_dist.data.synthetic import synthetic_batch
+    from sail_dist.kernels import get_opset
+    from sail_dist.model.build import build_model
+    from sail_dist.parallel.compile import apply_compile
+
+    cfg = load_config(os.path.join(ROOT, "configs", "model", f"{model}.yaml"), ["data.demo=true"])
+    opts = {} if CUDA else {"moe_impl": "grouped_mm", "kernels": KernelConfig(elementwise=False)}
+    eager = build_model(cfg.model, get_opset("gpu", attention_impl="triton", **opts), seed=0).to(DEVICE).train()
+    compiled = copy.deepcopy(eager)
+    apply_compile(compiled)
+    g = cfg.model.vit.grid
+    batches = [synthetic_batch(cfg.model, [70, 23, 31], [[(g, g)], [], [(g, g), (g, g + 2)]], seed=1),
+               synthetic_batch(cfg.model, [57, 12], [[], [(g, g)]], seed=2)]
+    from sail_dist.kernels.triton import flash_attention as fa
+
+    launches = []
+    real_forward = fa.forward
+    monkeypatch.setattr(fa, "forward", lambda *a, **k: launches.append(1) or real_forward(*a, **k))
+    for b in batches:
+        b = b.to(DEVICE)
+        for m in (eager, compiled):
+            m.zero_grad()
+            launches.clear()
+            out = m(b)
+            assert launches, "the Triton attention did not run"  # (not the reference, not another kernel)
+            loss = out.loss_T.sum() + (out.aux_loss if out.aux_loss is not None else 0.0)
+            loss.backward()
+            m._loss = loss.detach()
+        assert _rel(compiled._loss, eager._loss) <= 1e-5
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+            if p.grad is not None:
+                assert _rel(q.grad, p.grad) <= 1e-5, name
+
+
 @cuda_only
 @pytest.mark.gpu
 def test_compiled_call_equals_eager():
