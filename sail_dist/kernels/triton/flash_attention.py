@@ -11,8 +11,9 @@ The algorithm is FlashAttention-2's (Dao, 2023), as in Triton's fused-attention 
 this trainer: one program per (query block, sequence, head) reads the sequence's bounds from cu_seqlens on the
 device (no host sync), so no program ever reads across a packed sample's boundary. Grouped-query attention reads
 kv head h // (Hq / Hkv); the backward's dk / dv program loops over the group's query heads itself, so dk / dv
-need no atomics and the result is deterministic. The causal loops run the blocks below the diagonal without masks
-and mask only the diagonal and the sequence's last partial block. Scores are scaled into log2 units once
+need no atomics and the result is deterministic, and dq comes from a second kernel (one program per query block).
+The causal loops run the blocks below the diagonal without masks and mask only the diagonal and the sequence's
+last partial block; the forward and dq launch their longest causal query blocks first. Scores are scaled into log2 units once
 (exp2); the forward saves the row log-sum-exp (log2 units, [Hq, T] fp32) for the backward.
 
 q / k / v may be strided views (the model's q / k / v are slices of one projection): only the head dim must be
