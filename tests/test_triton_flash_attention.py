@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import run_in_triton_interpreter
+from sail_dist.bench.numerics import rel_err as _rel
 from sail_dist.kernels import gpu
 from sail_dist.kernels import reference as ref
 from sail_dist.kernels.triton import interpreting
@@ -28,10 +29,6 @@ DEVICE = "cuda" if CUDA else "cpu"
 def test_interpreter_child():
     """CPU: this file's tests, in a child process with Triton's interpreter on from the start."""
     run_in_triton_interpreter(__file__)
-
-
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def _case(lens, Hq, Hkv, D, seed=0):

@@ -4,13 +4,13 @@
 
 Needs a CUDA GPU. Shapes of one 8192-token micro-batch: the LLM's causal GQA attention (16 query / 8 kv heads of
 128, 4 samples of 2048 tokens; q / k fresh from RoPE, v a slice of the qkv projection) and the ViT's full
-attention (12 heads of 128, 8 tiles of 1024 patches; q / k / v strided views of one projection). Reported: median
-ms of triton.testing.do_bench for forward + backward at that shape (and the A3B LLM's 32 / 4 heads), and the wall time of one forward + backward
-call at 256 tokens, where the device's part is negligible: the host's cost per call, which an eager step pays
-wherever the host is the bottleneck. Each implementation
-is first checked against the fp32 reference (output and input gradients). `--sweep` also times each tile
-candidate of the Triton kernel (sail_dist/kernels/triton/flash_attention.py): the forward per forward tile, the
-whole backward per dk / dv tile and per dq tile (the other backward kernel at its first tile, the one in use). A table, then one JSON line.
+attention (12 heads of 128, 8 tiles of 1024 patches; q / k / v strided views of one projection), and the A3B
+LLM's 32 query / 4 kv heads. Reported: median ms of triton.testing.do_bench for forward + backward at that shape,
+and the wall time of one forward + backward call at 256 tokens, where the device's part is negligible: the host's
+cost per call, which an eager step pays wherever the host is the bottleneck. Each implementation is first checked
+against the fp32 reference (output and input gradients). `--sweep` also times each tile candidate of the Triton
+kernel (sail_dist/kernels/triton/flash_attention.py): the forward per forward tile, the whole backward per dk / dv
+tile and per dq tile (the other backward kernel at its first tile, the one in use). A table, then one JSON line.
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def _case(name: str, T: int = 8192):
 
 
 def _sweep(do_bench, shapes: list[str]) -> list[dict]:
-    """Each Triton tile candidate per kernel at both shapes: median ms of that kernel alone."""
+    """Each Triton tile candidate at each shape: median ms of the forward (forward tiles) or of the whole backward
+    (dk / dv and dq tiles, the other backward kernel at its default)."""
     from sail_dist.kernels.triton import flash_attention as fa
 
     out = []

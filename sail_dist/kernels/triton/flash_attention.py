@@ -62,6 +62,24 @@ def supported_head_dim(d: int) -> bool:
     return 16 <= d <= 128 and not d & (d - 1)
 
 
+@triton.jit
+def _query_block(CU, BLOCK_M: tl.constexpr):
+    """-> (sequence start, its length, this program's first query row): the longest causal rows launch first."""
+    b = tl.program_id(1)
+    start = tl.load(CU + b).to(tl.int64)
+    n = (tl.load(CU + b + 1) - start).to(tl.int32)
+    return start, n, (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+
+
+@triton.jit
+def _key_spans(m0, n, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """-> (end of the unmasked key blocks, end of the masked ones) for the query block at m0. Causal: every block
+    left of the diagonal is whole (block_m % block_n == 0), the diagonal's are masked; full: the last partial one."""
+    if CAUSAL:
+        return m0, tl.minimum(m0 + BLOCK_M, n)
+    return (n // BLOCK_N) * BLOCK_N, n
+
+
 # --------------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------------
@@ -98,11 +116,8 @@ def _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, rows, cols0, n, qk_sca
 def _fwd_kernel(Q, K, V, O, LSE, CU, qk_scale, T_total, sqt, sqh, skt, skh, svt, svh, sot, soh,
                 GROUP: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    b = tl.program_id(1)
     h = tl.program_id(2)
-    start = tl.load(CU + b).to(tl.int64)
-    n = (tl.load(CU + b + 1) - start).to(tl.int32)
-    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # (causal: the longest rows start first)
+    start, n, m0 = _query_block(CU, BLOCK_M)
     if m0 < n:
         kh = h // GROUP
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -115,12 +130,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, qk_scale, T_total, sqt, sqh, skt, skh, svt,
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        if CAUSAL:
-            full_end = m0  # (block_m % block_n == 0: every block left of the diagonal is whole and unmasked)
-            end = tl.minimum(m0 + BLOCK_M, n)
-        else:
-            full_end = (n // BLOCK_N) * BLOCK_N
-            end = n
+        full_end, end = _key_spans(m0, n, CAUSAL, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, full_end, rows, cols0, n, qk_scale, skt,
                                     svt, CAUSAL, False, BLOCK_N, PREC)
         acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, full_end, end, rows, cols0, n, qk_scale,
@@ -243,11 +253,8 @@ def _dq_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, lo, hi, rows, cols0, n, qk
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, sm_scale, T_total, sqt, sqh, skt, skh, svt, svh, sdot,
                sdoh, sdqt, sdqh, GROUP: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    b = tl.program_id(1)
     h = tl.program_id(2)
-    start = tl.load(CU + b).to(tl.int64)
-    n = (tl.load(CU + b + 1) - start).to(tl.int32)
-    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    start, n, m0 = _query_block(CU, BLOCK_M)
     if m0 < n:
         kh = h // GROUP
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -261,12 +268,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, sm_scale, T_total, sqt
         k_ptrs = K + start * skt + kh * skh + cols0[None, :] * skt + d[:, None]  # K^T tile [D, BLOCK_N]
         v_ptrs = V + start * svt + kh * svh + cols0[None, :] * svt + d[:, None]
         dq = tl.zeros([BLOCK_M, D], tl.float32)
-        if CAUSAL:
-            full_end = m0
-            end = tl.minimum(m0 + BLOCK_M, n)
-        else:
-            full_end = (n // BLOCK_N) * BLOCK_N
-            end = n
+        full_end, end = _key_spans(m0, n, CAUSAL, BLOCK_M, BLOCK_N)
         dq = _dq_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, 0, full_end, rows, cols0, n, qk_scale, skt, svt,
                         CAUSAL, False, BLOCK_N, PREC)
         dq = _dq_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, full_end, end, rows, cols0, n, qk_scale, skt, svt,
