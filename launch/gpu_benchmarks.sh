@@ -8,6 +8,7 @@
 # than one): that pair again with DP = #GPUs, for the scaling efficiency against the 1-GPU pair; 1 GPU: the
 # reduced A3B shape (4 MoE layers, real widths) end to end with loop / grouped_mm / triton experts. PARTS picks
 # parts (default 2b,compile,offload,scale,a3b; also offload_ds = the offload run on DeepSpeed's own host step,
+# offload_ratio = the offload run with part of the optimizer kept on the device,
 # recipe = the offload pair at 16 micro-batches, profile /
 # a3b_profile = profiled 2B / reduced-A3B steps with the idle time's sources, eager_torch = the 2b run with
 # backend.kernels.elementwise=false, coldstart = the compiled first step on an empty and then a warm compile cache,
@@ -42,6 +43,11 @@ if part offload; then
 if part offload_ds; then
   bench 2b_zero2_offload_mb8_deepspeed_step 1 "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2 --offload cpu \
     backend.offload_chunk=0; fi
+# offload_ratio: the offload run with 1 - r of each optimizer partition kept and updated on the device
+# (backend.offload_ratio=r; OFFLOAD_RATIOS, default 0.5 0.25), the speed / device-memory trade-off against the pair above
+if part offload_ratio; then for r in ${OFFLOAD_RATIOS:-0.5 0.25}; do
+  bench "2b_zero2_offload_mb8_ratio$r" 1 "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2 --offload cpu \
+    "backend.offload_ratio=$r"; done; fi
 if part recipe; then
   # 16 micro-batches per GPU per step: SAIL-VL2's pretraining batch (2048 x 8192 tokens) on 128 GPUs
   bench 2b_zero2_mb16 1 "${TWO_B[@]}" --micro-batches 16 --steps 5 --warmup 2
@@ -89,6 +95,11 @@ for k, r in rows.items():
 fig = {}
 if "2b_zero2_mb8" in rows and "2b_zero2_offload_mb8" in rows:
     fig["offload_slowdown"] = rows["2b_zero2_offload_mb8"]["step_s"] / rows["2b_zero2_mb8"]["step_s"]
+for k, r in rows.items():  # each offload ratio against the no-offload run: slowdown and device memory saved
+    if k.startswith("2b_zero2_offload_mb8_ratio") and "2b_zero2_mb8" in rows:
+        base = rows["2b_zero2_mb8"]
+        fig[f"offload_slowdown_{k.rsplit('_', 1)[1]}"] = r["step_s"] / base["step_s"]
+        fig[f"offload_mem_saved_gib_{k.rsplit('_', 1)[1]}"] = base["peak_mem_gib"] - r["peak_mem_gib"]
 if "2b_zero2_offload_mb8" in rows and "2b_zero2_offload_mb8_deepspeed_step" in rows:
     fig["offload_chunked_step_speedup"] = (rows["2b_zero2_offload_mb8_deepspeed_step"]["step_s"]
                                            / rows["2b_zero2_offload_mb8"]["step_s"])

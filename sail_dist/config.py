@@ -542,6 +542,11 @@ class BackendConfig:
     # With CPU offload and DeepSpeedCPUAdam: the host step's chunk in elements (a multiple of 4096): clip scale, Adam
     # and cast per chunk, each chunk's copy to the device overlapped (backends/gpu/offload_step.py); 0 = DeepSpeed's step
     offload_chunk: int = 1 << 22
+    # With CPU offload and the chunked host step: the share of each rank's optimizer partition (fp32 master weights,
+    # Adam moments) held and updated on the host; the rest stays on the device (12 bytes per element) and is updated
+    # there by torch's fused AdamW while the host works, so the host step shrinks with it (DeepSpeed ZeRO-3's
+    # offload_optimizer.ratio, for ZeRO-1/2). 1 = all on the host
+    offload_ratio: float = 1.0
     # gpu: DeepSpeed's ZeRO gradient bucket in elements (reduce_bucket_size): gradients are reduced a bucket at a time
     # during the backward; larger = fewer, bigger reductions and more device memory for the bucket buffers
     reduce_bucket_size: int = 500_000_000
@@ -560,6 +565,13 @@ class BackendConfig:
         if self.offload_chunk < 0 or self.offload_chunk % 4096:
             err("offload_chunk", f"must be 0 (DeepSpeed's own offload step) or a positive multiple of 4096 elements, "
                 f"got {self.offload_chunk}")
+        if not 0.0 < self.offload_ratio <= 1.0:
+            err("offload_ratio", f"must be in (0, 1] (the host's share of the optimizer state; for none on the host "
+                f"set backend.offload_optimizer=none), got {self.offload_ratio}")
+        if self.offload_ratio < 1.0 and (self.offload_optimizer != "cpu" or self.torch_adam or not self.offload_chunk):
+            err("offload_ratio", "< 1 needs the chunked host step: backend.offload_optimizer=cpu, "
+                f"backend.torch_adam=false and backend.offload_chunk > 0 (got offload_optimizer="
+                f"{self.offload_optimizer}, torch_adam={self.torch_adam}, offload_chunk={self.offload_chunk})")
         # A switch nothing reads would be silently ignored: name it instead.
         changed = [f.name for f in dataclasses.fields(self.kernels) if getattr(self.kernels, f.name) != f.default]
         moe = [n for n in changed if n.startswith("moe_")]

@@ -307,6 +307,9 @@ def _checkpoint_tensors(path: str, backend: str) -> list[tuple[str, dict]]:
 ENGINE_CASES = {
     # (nproc, config, overrides, SNAPSHOT)
     "gpu_offload_torch_adam_2ranks": (2, TINY, ["backend.offload_optimizer=cpu", "backend.torch_adam=true"], "memory"),
+    # half of each partition kept and updated on the device (backends/gpu/offload_step.py DeviceShare)
+    "gpu_offload_ratio_2ranks": (2, TINY, ["backend.offload_optimizer=cpu", "backend.torch_adam=false",
+                                           "backend.offload_chunk=4096", "backend.offload_ratio=0.5"], "memory"),
     "gpu_zero2_1rank_disk": (1, TINY, [], "disk"),
     "npu_dist_optimizer_dp2": (2, TINY, ["backend.name=npu"], "memory"),
 }

@@ -45,6 +45,13 @@ def test_wrong_type_and_impossible_values(tmp_path):
         load_config(None, ["data.demo=true", "backend.offload_optimizer=gpu"])
     with pytest.raises(ConfigError, match=r"'backend.offload_chunk' .*multiple of 4096 elements, got 1000"):
         load_config(None, ["data.demo=true", "backend.offload_chunk=1000"])
+    with pytest.raises(ConfigError, match=r"'backend.offload_ratio' .*must be in \(0, 1\].*got 1.5"):
+        load_config(None, ["data.demo=true", "backend.offload_optimizer=cpu", "backend.offload_ratio=1.5"])
+    with pytest.raises(ConfigError, match=r"'backend.offload_ratio' .*chunked host step.*offload_optimizer=none"):
+        load_config(None, ["data.demo=true", "backend.offload_ratio=0.5"])
+    with pytest.raises(ConfigError, match=r"'backend.offload_ratio' .*torch_adam=True"):
+        load_config(None, ["data.demo=true", "backend.offload_optimizer=cpu", "backend.torch_adam=true",
+                           "backend.offload_ratio=0.5"])
     with pytest.raises(ConfigError, match=r"'backend.reduce_bucket_size' .*positive number of elements, got 0"):
         load_config(None, ["data.demo=true", "backend.reduce_bucket_size=0"])
 

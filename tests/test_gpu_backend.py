@@ -64,11 +64,14 @@ def reference_losses(config: str, overrides: list[str], dp: int, grad_norms: lis
     return losses
 
 
-@pytest.mark.parametrize("offload", ["none", "cpu_torch_adam", "cpu_adam"])
+@pytest.mark.parametrize("offload", ["none", "cpu_torch_adam", "cpu_adam", "cpu_adam_ratio"])
 def test_zero2_two_ranks_equal_reference(tmp_path, offload):
+    cpu_adam = ["backend.offload_optimizer=cpu", "backend.torch_adam=false", "backend.offload_chunk=4096"]
     extra = {"none": [], "cpu_torch_adam": ["backend.offload_optimizer=cpu", "backend.torch_adam=true"],
              # the chunked host step (backends/gpu/offload_step.py) over ~75 chunks of each rank's partition
-             "cpu_adam": ["backend.offload_optimizer=cpu", "backend.torch_adam=false", "backend.offload_chunk=4096"]
+             "cpu_adam": cpu_adam,
+             # 40 % of each partition on the host, the rest updated by torch's AdamW beside it (DeviceShare)
+             "cpu_adam_ratio": [*cpu_adam, "backend.offload_ratio=0.4"],
              }[offload]
     got = torchrun(2, [TINY, *COMMON, *extra], tmp_path, timeout=900)
     ref = reference_losses(TINY, COMMON, dp=2)
@@ -99,6 +102,7 @@ def _bf16_worker() -> None:
     from deepspeed.utils import safe_get_full_fp32_param
 
     from sail_dist.backends.base import get_backend
+    from sail_dist.backends.gpu import offload_step
 
     out_path, config, *overrides = sys.argv[1:]
     if "--deepspeed-reduction" in overrides:  # DeepSpeed's own gradient path (the patch's anchor)
@@ -112,6 +116,7 @@ def _bf16_worker() -> None:
     engine = backend.build(cfg, env)
 
     def master() -> dict[str, torch.Tensor]:  # collective
+        offload_step.state_to_host(engine.ds.optimizer)  # (offload_ratio < 1: the device shares)
         return {n: safe_get_full_fp32_param(p).detach().cpu().clone() for n, p in engine.model.named_parameters()}
 
     steps, masters = [], []
@@ -195,7 +200,7 @@ def _bf16_references() -> tuple[dict, list[float], list[float]]:
     return same, ref, norms
 
 
-@pytest.mark.parametrize("offload", ["none", "cpu", "cpu_adam", "zero1"])
+@pytest.mark.parametrize("offload", ["none", "cpu", "cpu_adam", "cpu_adam_ratio", "zero1"])
 def test_bf16_fp32_grad_accumulation_tracks_fp32_reference(tmp_path, offload):
     """bf16 weights with fp32 gradient accumulation (DeepSpeed's device-side fp32 partition buffer, which with
     offload replaces the per-micro-batch host round trip): every micro-batch's gradient lands exactly once, the
@@ -217,8 +222,10 @@ def test_bf16_fp32_grad_accumulation_tracks_fp32_reference(tmp_path, offload):
              "backend.reduce_bucket_size=4096"]
     if offload == "cpu":
         extra += ["backend.offload_optimizer=cpu", "backend.torch_adam=true"]
-    if offload == "cpu_adam":
+    if offload.startswith("cpu_adam"):
         extra += ["backend.offload_optimizer=cpu", "backend.torch_adam=false", "backend.offload_chunk=4096"]
+    if offload == "cpu_adam_ratio":  # half of each partition kept and updated on the device (DeviceShare)
+        extra += ["backend.offload_ratio=0.5"]
     if offload == "zero1":  # no offload, ZeRO-1: DeepSpeed's BF16_Optimizer (its gradient norm was 2.8x without the
         extra += ["backend.zero_stage=1"]  # engine's clearing of the bf16 gradients after each micro-batch)
     run = _run_worker("_bf16_worker", tmp_path, [TINY, *COMMON, *extra])

@@ -91,7 +91,8 @@ class DeepSpeedEngine(LayerGradRecorder):
 
         self.clear_bf16_grads = isinstance(self.ds.optimizer, BF16_Optimizer)
         zero12 = cfg.backend.zero_stage in (1, 2)
-        offload = offload_step.install(self.ds.optimizer, cfg.backend.offload_chunk) if zero12 else ""
+        offload = (offload_step.install(self.ds.optimizer, cfg.backend.offload_chunk, cfg.backend.offload_ratio)
+                   if zero12 else "")
         batched = zero12 and zero_step.install(self.ds.optimizer)  # (wraps whichever step is installed)
         self.reduction = zero_step.install_reduction(self.ds.optimizer) if zero12 else ""
         log.info("GPU backend: ZeRO-%d, %s, opset=%s, offload=%s%s, trainable=%s, batched norm/overflow check=%s, "
@@ -223,6 +224,7 @@ class DeepSpeedEngine(LayerGradRecorder):
         from sail_dist.backends import snapshot as snap
 
         zero = self.ds.optimizer
+        offload_step.state_to_host(zero)  # (offload_ratio < 1: the device shares into the host partitions)
         inner = getattr(zero, "optimizer", zero)  # ZeRO / BF16 wrapper -> the torch (or DeepSpeedCPUAdam) optimizer
         state = snap.optimizer_state("optimizer", inner)
         for name, t in self.model.named_parameters():
@@ -248,11 +250,13 @@ class DeepSpeedEngine(LayerGradRecorder):
         inner = getattr(zero, "optimizer", zero)
         plain = snap.put_back(self._snapshot_state(), snapshot)
         snap.set_optimizer_plain("optimizer", inner, plain)
+        offload_step.shares_stale(zero)
         for key in ("global_steps", "global_samples", "skipped_steps"):
             setattr(self.ds, key, plain[f"engine.{key}"])
 
     def save(self, path: str) -> None:
         """Collective: every rank writes its ZeRO partition under `path`."""
+        offload_step.state_to_host(self.ds.optimizer)
         self.ds.save_checkpoint(path, tag="deepspeed", save_latest=False)
 
     def load(self, path: str) -> None:
@@ -272,6 +276,7 @@ class DeepSpeedEngine(LayerGradRecorder):
             load_path = self._load_universal(path, tag_dir, saved_dp)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
+        offload_step.shares_stale(self.ds.optimizer)
 
     def _load_universal(self, path: str, tag_dir: str, saved_dp: int) -> str | None:
         """Elastic resume of a checkpoint of `saved_dp` ZeRO partitions (see `load`)."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import types
+from typing import Callable
 
 import torch
 
@@ -48,14 +49,20 @@ CHUNK_ALIGN = 4096
 
 def host_adam_chunked(adam, param_group: dict, p_N: torch.Tensor, g_N: torch.Tensor, grad_scale: torch.Tensor | None,
                       out_N: torch.Tensor, chunk: int, stage: list[torch.Tensor] | None = None,
-                      grad_src_N: torch.Tensor | None = None, copy_stream=None) -> None:
+                      grad_src_N: torch.Tensor | None = None, copy_stream=None, host_numel: int | None = None,
+                      between: Callable[[], None] | None = None) -> None:
     """One DeepSpeedCPUAdam step over the flat fp32 partition `p_N` (gradient `g_N`, its state in `adam.state[p_N]`),
     chunk by chunk: the gradient times `grad_scale` (None: unscaled), Adam, then the bit16 copy into `out_N`. With
     `out_N` on the device, each chunk goes there in fp32 (non-blocking, from pinned `p_N`) through `stage` (two
     fp32 device buffers of `chunk` elements, used in turn; same stream, so a buffer is reused only after its cast)
     and is cast on the device. With `grad_src_N` (the gradient partition where it was accumulated, e.g. on the
     device), `g_N` is filled from it chunk by chunk, each chunk's copy issued one chunk ahead on `copy_stream` (a
-    CUDA stream; None: copied in place) so that it runs while the host updates the chunk before."""
+    CUDA stream; None: copied in place) so that it runs while the host updates the chunk before.
+
+    `host_numel` (None: all): only the partition's first `host_numel` elements are updated here (the rest is the
+    device-resident share, `DeviceShare`); the state's step counter still advances once. `between` is called once
+    the first gradient chunk's copy is queued, before the host's first Adam chunk: the device share's update is
+    queued there, so that the device runs it while the host works."""
     if chunk <= 0 or chunk % CHUNK_ALIGN:
         raise ValueError(f"offload chunk {chunk} must be a positive multiple of {CHUNK_ALIGN} elements "
                          "(module docstring)")
@@ -71,7 +78,8 @@ def host_adam_chunked(adam, param_group: dict, p_N: torch.Tensor, g_N: torch.Ten
     state["step"] += 1
     beta1, beta2 = param_group["betas"]
     p, g, m, v = p_N.data, g_N.data, state["exp_avg"], state["exp_avg_sq"]
-    bounds = [(s, min(s + chunk, p.numel())) for s in range(0, p.numel(), chunk)]
+    n = p.numel() if host_numel is None else host_numel
+    bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
     fetched: list = []  # per chunk: the event its gradient copy records (None: copied already)
 
     def fetch(k: int) -> None:
@@ -85,10 +93,12 @@ def host_adam_chunked(adam, param_group: dict, p_N: torch.Tensor, g_N: torch.Ten
             fetched.append(torch.cuda.Event())
             fetched[-1].record(copy_stream)
 
-    if grad_src_N is not None:
+    if grad_src_N is not None and bounds:
         if copy_stream is not None:
             copy_stream.wait_stream(torch.cuda.current_stream())  # the source is complete on the compute stream
         fetch(0)
+    if between is not None:
+        between()
     for k, (s, e) in enumerate(bounds):
         if grad_src_N is not None:
             if k + 1 < len(bounds):
@@ -106,6 +116,87 @@ def host_adam_chunked(adam, param_group: dict, p_N: torch.Tensor, g_N: torch.Ten
             out_N[s:e].copy_(buf)
         else:
             out_N[s:e].copy_(p[s:e])
+
+
+def host_share(numel: int, ratio: float) -> int:
+    """How many of a partition's `numel` elements the host updates at `backend.offload_ratio` = `ratio`: all at 1,
+    else `ratio * numel` rounded down to a multiple of CHUNK_ALIGN (the host's chunks then fall as over the whole
+    partition)."""
+    return numel if ratio >= 1.0 else int(ratio * numel) // CHUNK_ALIGN * CHUNK_ALIGN
+
+
+class DeviceShare:
+    """Under `backend.offload_ratio` < 1, the tail [start, N) of one parameter group's fp32 partition kept on the
+    device: its fp32 master weights and Adam moments there, updated by torch's AdamW (fused on CUDA: the kernel of
+    the non-offload path) while the host updates [0, start) with DeepSpeedCPUAdam. The device's Adam pass over its
+    share takes milliseconds where the host's takes ~0.25 s per billion elements, so the step's host part shrinks
+    with the ratio, for 12 bytes of device memory per element kept there (DeepSpeed's `offload_optimizer.ratio`
+    does the same under ZeRO-3 only).
+
+    DeepSpeed's host partition and DeepSpeedCPUAdam's state stay the copy that checkpoints, snapshots and
+    `safe_get_full_fp32_param` read: `state_to_host` writes the shares back first, and a share marked stale
+    (`shares_stale`, after a load or restore) is read again from the host before its next update."""
+
+    def __init__(self, start: int, device: torch.device) -> None:
+        self.start, self.device, self.stale = start, device, True
+        self.p: torch.Tensor | None = None
+        self.adam: torch.optim.AdamW | None = None
+
+    def load(self, p_N: torch.Tensor, state: dict, param_group: dict) -> None:
+        """(Re)read the share from the host: master weights, moments and the step count before this step's."""
+        s = self.start
+        self.p = p_N.data[s:].to(self.device, copy=True)
+        fused = self.device.type == "cuda"
+        self.adam = torch.optim.AdamW([self.p], lr=param_group["lr"], betas=param_group["betas"],
+                                      eps=param_group["eps"], weight_decay=param_group["weight_decay"],
+                                      fused=fused, foreach=None if fused else False)
+        zeros = "exp_avg" not in state
+        self.adam.state[self.p] = {
+            "step": torch.tensor(float(state["step"] - 1), dtype=torch.float32,
+                                 device=self.device if fused else "cpu"),
+            "exp_avg": torch.zeros_like(self.p) if zeros else state["exp_avg"][s:].to(self.device, copy=True),
+            "exp_avg_sq": torch.zeros_like(self.p) if zeros else state["exp_avg_sq"][s:].to(self.device, copy=True)}
+        self.stale = False
+
+    def update(self, param_group: dict, g: torch.Tensor | None, grad_scale: torch.Tensor | None,
+               out: torch.Tensor) -> None:
+        """One AdamW step of the share on its gradient `g` (None: no gradient reached the group, zeros; scaled in
+        place by `grad_scale`), then its bit16 copy into `out` (the share's slice of the bit16 partition); queued
+        on the current stream, no sync."""
+        g = torch.zeros_like(self.p) if g is None else g
+        if grad_scale is not None:
+            g.mul_(float(grad_scale))  # (the fp32 factor the host multiplies by: the same product)
+        group = self.adam.param_groups[0]
+        for key in ("lr", "betas", "eps", "weight_decay"):
+            group[key] = param_group[key]
+        self.p.grad = g
+        self.adam.step()
+        self.p.grad = None
+        out.copy_(self.p)
+
+    def to_host(self, p_N: torch.Tensor, state: dict) -> None:
+        s = self.start
+        p_N.data[s:].copy_(self.p)
+        st = self.adam.state[self.p]
+        state["exp_avg"][s:].copy_(st["exp_avg"])
+        state["exp_avg_sq"][s:].copy_(st["exp_avg_sq"])
+
+
+def state_to_host(zero_optimizer) -> None:
+    """Write every device share (`DeviceShare`) back into DeepSpeed's host partitions and DeepSpeedCPUAdam's state:
+    before a checkpoint, a snapshot, or a read of the fp32 master weights. A no-op at `offload_ratio` 1."""
+    for i, share in enumerate(getattr(zero_optimizer, "_sail_device_shares", [])):
+        if share is not None and not share.stale:
+            p_N = zero_optimizer.single_partition_of_fp32_groups[i]
+            share.to_host(p_N, zero_optimizer.optimizer.state[p_N])
+
+
+def shares_stale(zero_optimizer) -> None:
+    """After DeepSpeed's host partitions were written (a checkpoint load, a snapshot restore): each device share is
+    read again from the host before its next update."""
+    for share in getattr(zero_optimizer, "_sail_device_shares", []):
+        if share is not None:
+            share.stale = True
 
 
 def grad_scale_of(zero_optimizer, scaled_global_grad_norm) -> torch.Tensor | None:
@@ -235,8 +326,21 @@ def _offload_step(self, closure=None):
                 copy_stream = getattr(self, "_sail_grad_copy_stream", None)
                 if copy_stream is None:
                     copy_stream = self._sail_grad_copy_stream = torch.cuda.Stream(device=src.device)
-        host_adam_chunked(self.optimizer, self.optimizer.param_groups[i], fp32_partition, fp32_partition.grad, scale,
-                          out, chunk, stage, src, copy_stream)
+        group = self.optimizer.param_groups[i]
+        share, between, host_numel = self._sail_device_shares[i], None, None
+        if share is not None:
+            host_numel = share.start
+            if flats is None:  # gradients on the host (bf16 accumulation): the share's part goes to the device
+                g_share = fp32_partition.grad[share.start:].to(out.device, non_blocking=True)
+            else:  # DeepSpeed's device accumulation buffer, dead after this step: scaled in place
+                g_share = None if src is None else src[share.start:].to(out.device)
+
+            def between(share=share, fp32_partition=fp32_partition, group=group, g_share=g_share, out=out):
+                if share.stale:
+                    share.load(fp32_partition, self.optimizer.state[fp32_partition], group)
+                share.update(group, g_share, scale, out[share.start:])
+        host_adam_chunked(self.optimizer, group, fp32_partition, fp32_partition.grad, scale, out, chunk, stage, src,
+                          copy_stream, host_numel, between)
         self._lazy_init_hp_params_optimizer_state()
         self._release_preflattened_grad_buffers(i)
         self.averaged_gradients[i] = None
@@ -262,10 +366,11 @@ _NEEDED = ("cpu_offload", "zenflow", "torch_autocast_gradscaler", "single_partit
            "is_gradient_accumulation_boundary")
 
 
-def install(zero_optimizer, chunk: int) -> str:
+def install(zero_optimizer, chunk: int, ratio: float = 1.0) -> str:
     """Patch a ZeRO-1/2 optimizer with CPU offload (the engine's `ds.optimizer`; module docstring): the step's
     gradients from the device's fp32 partition wherever DeepSpeed accumulates them there, and the chunked host step
-    where `chunk` > 0 and its preconditions hold. Returns what was installed, for the log ("" = nothing)."""
+    where `chunk` > 0 and its preconditions hold, with the share 1 - `ratio` of each partition kept and updated on
+    the device (`DeviceShare`). Returns what was installed, for the log ("" = nothing)."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     if not getattr(zero_optimizer, "cpu_offload", False):
@@ -283,9 +388,22 @@ def install(zero_optimizer, chunk: int) -> str:
     muon = any(getattr(p, "use_muon", False) for g in zo.bit16_groups for p in g)
     chunked = (chunk > 0 and type(zo.optimizer) is DeepSpeedCPUAdam and not zo.zenflow
                and not zo.torch_autocast_gradscaler and not muon)
+    if ratio < 1.0 and not chunked:
+        raise ValueError(f"backend.offload_ratio={ratio} needs the chunked host step: DeepSpeedCPUAdam "
+                         "(backend.torch_adam=false), backend.offload_chunk > 0, no ZenFlow / Muon / autocast scaler")
+    if ratio < 1.0 and (not getattr(zo.optimizer, "adamw_mode", True)
+                        or not all(g.get("bias_correction", True) for g in zo.optimizer.param_groups)):
+        raise ValueError(f"backend.offload_ratio={ratio}: the device share runs torch's AdamW, which needs "
+                         "DeepSpeedCPUAdam in AdamW mode with bias correction (the engine's configuration)")
     if chunked:
         zo._sail_offload_chunk = chunk
         zo.step = types.MethodType(_offload_step, zo)
+        device = zo.parallel_partitioned_bit16_groups[0][0].device
+        shares = []
+        for p_N in zo.single_partition_of_fp32_groups:
+            start = host_share(p_N.numel(), ratio)
+            shares.append(DeviceShare(start, device) if start < p_N.numel() else None)
+        zo._sail_device_shares = shares
     elif zo._sail_device_grads:
         step = zo.step
 
@@ -296,4 +414,9 @@ def install(zero_optimizer, chunk: int) -> str:
         zo.step = step_from_device_grads
     parts = (["gradients from the device's fp32 partition"] if zo._sail_device_grads else []) + (
         [f"host step in chunks of {chunk}"] if chunked else [])
+    kept = sum(p.numel() - s.start for p, s in zip(zo.single_partition_of_fp32_groups,
+                                                  getattr(zo, "_sail_device_shares", [])) if s is not None)
+    if kept:
+        parts.append(f"{kept / 1e6:.1f}M of this rank's optimizer elements kept on the device (offload_ratio={ratio}, "
+                     f"{kept * 12 / 2**30:.2f} GiB)")
     return ", ".join(parts)
