@@ -335,10 +335,11 @@ def _offload_step(self, closure=None):
             else:  # DeepSpeed's device accumulation buffer, dead after this step: scaled in place
                 g_share = None if src is None else src[share.start:].to(out.device)
 
-            def between(share=share, fp32_partition=fp32_partition, group=group, g_share=g_share, out=out):
+            def update_share(share=share, fp32_partition=fp32_partition, group=group, g_share=g_share, out=out):
                 if share.stale:
                     share.load(fp32_partition, self.optimizer.state[fp32_partition], group)
                 share.update(group, g_share, scale, out[share.start:])
+            between = update_share
         host_adam_chunked(self.optimizer, group, fp32_partition, fp32_partition.grad, scale, out, chunk, stage, src,
                           copy_stream, host_numel, between)
         self._lazy_init_hp_params_optimizer_state()
