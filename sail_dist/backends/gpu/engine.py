@@ -224,7 +224,6 @@ class DeepSpeedEngine(LayerGradRecorder):
         from sail_dist.backends import snapshot as snap
 
         zero = self.ds.optimizer
-        offload_step.state_to_host(zero)  # (offload_ratio < 1: the device shares into the host partitions)
         inner = getattr(zero, "optimizer", zero)  # ZeRO / BF16 wrapper -> the torch (or DeepSpeedCPUAdam) optimizer
         state = snap.optimizer_state("optimizer", inner)
         for name, t in self.model.named_parameters():
@@ -240,6 +239,7 @@ class DeepSpeedEngine(LayerGradRecorder):
         `path` when larger than `memory_limit_bytes`. Local: no collective, no gather."""
         from sail_dist.backends import snapshot as snap
 
+        offload_step.state_to_host(self.ds.optimizer)  # (offload_ratio < 1: the device shares into the host partitions)
         return snap.take(self._snapshot_state(), path, memory_limit_bytes)
 
     def restore(self, snapshot) -> None:

@@ -150,12 +150,11 @@ class DeviceShare:
         self.adam = torch.optim.AdamW([self.p], lr=param_group["lr"], betas=param_group["betas"],
                                       eps=param_group["eps"], weight_decay=param_group["weight_decay"],
                                       fused=fused, foreach=None if fused else False)
-        zeros = "exp_avg" not in state
-        self.adam.state[self.p] = {
+        self.adam.state[self.p] = {  # (host_adam_chunked has initialised and advanced the host state by now)
             "step": torch.tensor(float(state["step"] - 1), dtype=torch.float32,
                                  device=self.device if fused else "cpu"),
-            "exp_avg": torch.zeros_like(self.p) if zeros else state["exp_avg"][s:].to(self.device, copy=True),
-            "exp_avg_sq": torch.zeros_like(self.p) if zeros else state["exp_avg_sq"][s:].to(self.device, copy=True)}
+            "exp_avg": state["exp_avg"][s:].to(self.device, copy=True),
+            "exp_avg_sq": state["exp_avg_sq"][s:].to(self.device, copy=True)}
         self.stale = False
 
     def update(self, param_group: dict, g: torch.Tensor | None, grad_scale: torch.Tensor | None,
@@ -333,7 +332,7 @@ def _offload_step(self, closure=None):
             if flats is None:  # gradients on the host (bf16 accumulation): the share's part goes to the device
                 g_share = fp32_partition.grad[share.start:].to(out.device, non_blocking=True)
             else:  # DeepSpeed's device accumulation buffer, dead after this step: scaled in place
-                g_share = None if src is None else src[share.start:].to(out.device)
+                g_share = None if src is None else src[share.start:]
 
             def update_share(share=share, fp32_partition=fp32_partition, group=group, g_share=g_share, out=out):
                 if share.stale:
