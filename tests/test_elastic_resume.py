@@ -27,6 +27,7 @@ import torch
 
 from conftest import ROOT, child_env, require, require_mcore_checkpoints, torchrun_cmd
 from data_testutil import tiny_config
+from sail_dist.config import config_to_dict
 from sail_dist.data.demo import ensure_demo
 from sail_dist.data.loader import StepLoader
 from sail_dist.data.records import SourceMix
@@ -161,8 +162,6 @@ def test_another_backend_is_refused_with_the_fix(tmp_path):
 
 
 def test_micro_batches_may_change_only_with_the_dp_size(tmp_path, demo_dir):
-    from sail_dist.config import config_to_dict
-
     cfg = tiny_config("backend.name=npu", "train.micro_batches=4", demo_dir=demo_dir)
     saved = config_to_dict(tiny_config("backend.name=npu", "train.micro_batches=2", "parallel.pp=2",
                                        demo_dir=demo_dir))
@@ -172,6 +171,18 @@ def test_micro_batches_may_change_only_with_the_dp_size(tmp_path, demo_dir):
     assert check_resume_config(str(tmp_path / "ck"), cfg, dp_size=1)["step"] == 2  # parallel.* is layout
     with pytest.raises(CheckpointError, match=r"train.micro_batches: 2 -> 4"):
         check_resume_config(str(tmp_path / "ck"), cfg, dp_size=2)
+
+
+def test_a_resume_may_move_the_offloaded_state_but_not_switch_offload(tmp_path, demo_dir):
+    off = ["backend.offload_optimizer=cpu", "backend.torch_adam=false", "backend.offload_chunk=4096"]
+    saved = tiny_config(*off, "backend.offload_ratio=0.5", demo_dir=demo_dir)
+    os.makedirs(tmp_path / "ck")
+    with open(tmp_path / "ck" / "trainer.json", "w") as f:
+        json.dump({"step": 2, "world_size": 1, "dp_size": 1, "backend": "gpu", "config": config_to_dict(saved)}, f)
+    moved = tiny_config(*off[:2], "backend.offload_chunk=8192", "backend.offload_ratio=0.25", demo_dir=demo_dir)
+    assert check_resume_config(str(tmp_path / "ck"), moved, dp_size=1)["step"] == 2
+    with pytest.raises(CheckpointError, match=r"backend.offload_optimizer: 'cpu' -> 'none'"):
+        check_resume_config(str(tmp_path / "ck"), tiny_config(demo_dir=demo_dir), dp_size=1)
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
@@ -241,18 +252,23 @@ def test_npu_backend_resumes_on_another_dp_and_pp_layout(tmp_path, demo_dir):
 
 
 @pytest.mark.slow
-def test_gpu_backend_with_cpu_offload_resumes_on_fewer_ranks(tmp_path, demo_dir):
+def test_gpu_backend_with_cpu_offload_resumes_on_fewer_ranks_and_another_split(tmp_path, demo_dir):
     """backend.offload_optimizer=cpu (DeepSpeedCPUAdam, fp32 partitions on the host): 2 ranks -> 1 through the
     universal checkpoint; losses against the uninterrupted 1-rank run (measured: within 2e-8 relative). At
     offload_ratio 0.5: half of each partition is updated by the host step and half lives on the device between
-    checkpoints (DeviceShare), which the save must write back and the resumed run read again."""
+    checkpoints (DeviceShare), which the save must write back and the resumed run read again. The uninterrupted
+    run's own checkpoint resumed at offload_ratio 0.25 and another host chunk: the same losses."""
     require("deepspeed")
     off = ["backend.offload_optimizer=cpu", "backend.torch_adam=false", "backend.offload_ratio=0.5",
            "backend.offload_chunk=4096"]
-    full = _train(1, tmp_path / "one", demo_dir, *off, "train.micro_batches=4", "train.steps=4")
+    full = _train(1, tmp_path / "one", demo_dir, *off, "train.micro_batches=4", "train.steps=4", "train.save_every=2")
     _train(2, tmp_path / "two", demo_dir, *off, "train.micro_batches=2", "train.steps=2")
     shrunk = _train(1, tmp_path / "shrunk", demo_dir, *off, "train.micro_batches=4", "train.steps=4",
                     f"train.resume={tmp_path / 'two' / 'checkpoints' / 'step_00000002'}")
-    assert sorted(shrunk) == [3, 4]
-    for step, loss in shrunk.items():
-        assert abs(loss - full[step]) <= 1e-6 * abs(full[step]), (step, loss, full[step])
+    moved = _train(1, tmp_path / "moved", demo_dir, *off[:2], "backend.offload_ratio=0.25",
+                   "backend.offload_chunk=8192", "train.micro_batches=4", "train.steps=4",
+                   f"train.resume={tmp_path / 'one' / 'checkpoints' / 'step_00000002'}")
+    assert sorted(shrunk) == sorted(moved) == [3, 4]
+    for name, run in (("2 -> 1", shrunk), ("ratio 0.5 -> 0.25", moved)):
+        for step, loss in run.items():
+            assert abs(loss - full[step]) <= 1e-6 * abs(full[step]), (name, step, loss, full[step])
