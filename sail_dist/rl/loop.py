@@ -46,6 +46,7 @@ from sail_dist.data.batch import PackedBatch
 from sail_dist.rl.advantages import DynamicSampling, group_advantages, overlong_penalty
 from sail_dist.rollout.engine import SamplingParams
 from sail_dist.rollout.sampler import pack_prompts
+from sail_dist.train import out_of_memory
 from sail_dist.train.checkpoint import check_resume_config, load_checkpoint, resolve_resume, save_checkpoint
 from sail_dist.train.lr import lr_at
 from sail_dist.train.metrics import Metrics
@@ -450,7 +451,8 @@ def run_rl(cfg: Config, backend, env, parts: RLParts | None = None,
                 step = episode * rl.ppo_updates + u
                 if on_update:
                     on_update(engine, step, None)
-                s = engine.train_step(mbs, lr_at(sched, step))
+                with out_of_memory.explained(cfg, step + 1, env.rank, last_ckpt, env.device):
+                    s = engine.train_step(mbs, lr_at(sched, step))
                 if on_update:
                     on_update(engine, step, s)
                 upd_stats.append(metrics.log_step(step, s, {"episode": episode + 1}, every=t.log_every))

@@ -23,6 +23,7 @@ from sail_dist.data.loader import build_loader
 from sail_dist.train.batch_plan import resolve_batch
 from sail_dist.train.checkpoint import (check_resume_config, load_checkpoint, resolve_resume, save_checkpoint,
                                        saved_dp_size)
+from sail_dist.train import out_of_memory
 from sail_dist.train.adalrs import AdaLRS
 from sail_dist.train.lr import lr_at
 from sail_dist.train.metrics import Metrics
@@ -118,7 +119,8 @@ def _train(cfg: Config, backend, env) -> dict:
                      "the 2B shape, seconds on a warm one", step + 1,
                      os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"))
         t_step = time.perf_counter()
-        stats = engine.train_step(data.micro_batches, adalrs.lr(step) if adalrs else lr_at(t, step))
+        with out_of_memory.explained(cfg, step + 1, env.rank, last_ckpt, env.device):
+            stats = engine.train_step(data.micro_batches, adalrs.lr(step) if adalrs else lr_at(t, step))
         if step == start and t.compile and env.is_main:
             log.info("step %d (compilation included) took %.1f s", step + 1, time.perf_counter() - t_step)
         if stats.skipped:
