@@ -80,3 +80,27 @@ def test_resume_is_validated_at_parse_time(tmp_path):
         load_config(DEMO, ["train.resume=latest"])
     assert load_config(DEMO, [f"train.resume={tmp_path}"]).train.resume == str(tmp_path)
     assert load_config(DEMO, ["train.resume=none"]).train.resume == "none"
+
+
+@pytest.mark.slow
+def test_memory_settings_may_change_on_resume(tmp_path):
+    """Activation checkpointing recomputes the same forward: a run that ran out of memory resumes with it on (the
+    out-of-memory message marks it so) and continues the uninterrupted run's losses."""
+    pytest.importorskip("deepspeed")
+    demo = str(tmp_path / "demo")
+
+    def losses(out: str) -> dict[int, float]:
+        rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+    full = str(tmp_path / "full")
+    assert _run(full, demo, "train.steps=4", "train.save_every=2", "train.log_every=1").returncode == 0
+    resumed = str(tmp_path / "resumed")
+    r = _run(resumed, demo, "train.steps=4", "train.log_every=1", "train.activation_checkpointing.llm=true",
+             "train.activation_checkpointing.vit=true", f"train.resume={os.path.join(full, 'checkpoints', 'step_00000002')}")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "activation checkpointing: " in r.stdout + r.stderr  # on in the resumed run
+    want, got = losses(full), losses(resumed)
+    assert sorted(got) == [3, 4]
+    for step, loss in got.items():
+        assert abs(loss - want[step]) <= 1e-6 * abs(want[step]), (step, loss, want[step])

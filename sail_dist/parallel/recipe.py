@@ -9,6 +9,7 @@ swaps in this rank's expert shard (parallel/expert.py) and cuts pipeline stages 
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -21,6 +22,8 @@ from sail_dist.model.sailvl import SailVL
 from sail_dist.parallel.checkpointing import apply_activation_checkpointing
 from sail_dist.parallel.compile import apply_compile, start_compile_workers, use_compile_cache
 from sail_dist.parallel.freeze import apply_freeze
+
+log = logging.getLogger(__name__)
 
 
 def apply_moe_hooks(model: nn.Module, aux_loss_weight: float,
@@ -48,6 +51,9 @@ def build_train_model(cfg: Config, ops: OpSet, *, aux_loss_weight: float,
         use_compile_cache(t.compile_cache)
         start_compile_workers()
         apply_compile(model)
-    apply_activation_checkpointing(model, t.activation_checkpointing.vit, t.activation_checkpointing.llm)
+    ac = t.activation_checkpointing
+    if n := apply_activation_checkpointing(model, ac.vit, ac.llm):
+        log.info("activation checkpointing: %d blocks (vit=%s, llm=%s) recompute their forward in the backward",
+                 n, ac.vit, ac.llm)
     apply_moe_hooks(model, aux_loss_weight, reduce_counts)
     return model, trainable

@@ -54,10 +54,12 @@ RUN_CONTROL_KEYS = frozenset({
 LAYOUT_PREFIXES = ("parallel.",)
 ELASTIC_KEYS = frozenset({"train.micro_batches"})
 
-# Keys that place the offloaded optimizer's state between host and device, and chunk its host step: the same Adam
-# update on either side. The checkpoint always holds the whole state on the host (the engine writes the device
-# share back before a save), so a resume may move the split, e.g. more on the host after an out-of-memory error.
-PLACEMENT_KEYS = frozenset({"backend.offload_ratio", "backend.offload_chunk"})
+# Keys that trade device memory for step time without changing the update (train/out_of_memory.py offers them
+# after an out-of-memory error): where the offloaded optimizer's state lives and how its host step is chunked (the
+# checkpoint holds the whole state on the host: the engine writes the device share back before a save), and
+# activation checkpointing (the same forward, recomputed in the backward).
+MEMORY_KEYS = frozenset({"backend.offload_ratio", "backend.offload_chunk", "train.activation_checkpointing.llm",
+                         "train.activation_checkpointing.vit"})
 
 
 def _barrier() -> None:
@@ -129,10 +131,10 @@ def save_checkpoint(cfg: Config, engine, step: int, rank: int, world_size: int, 
 
 
 def config_differences(saved: dict, cfg: Config, elastic: bool = False) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, new value) for every dotted key outside RUN_CONTROL_KEYS, PLACEMENT_KEYS and the layout
+    """(key, saved value, new value) for every dotted key outside RUN_CONTROL_KEYS, MEMORY_KEYS and the layout
     keys (`parallel.*`) whose value changed; `elastic` (the DP size changed) also lets ELASTIC_KEYS change."""
     old, new = flatten_dict(saved), flatten_dict(config_to_dict(cfg))
-    free = RUN_CONTROL_KEYS | PLACEMENT_KEYS | (ELASTIC_KEYS if elastic else frozenset())
+    free = RUN_CONTROL_KEYS | MEMORY_KEYS | (ELASTIC_KEYS if elastic else frozenset())
     return [(k, old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))
             if k not in free and not k.startswith(LAYOUT_PREFIXES) and old.get(k, "<absent>") != new.get(k, "<absent>")]
 

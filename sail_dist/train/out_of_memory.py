@@ -3,7 +3,7 @@
 The allocator's own message (CUDA's or torch_npu's) says how much was asked for and what is reserved, but not which
 settings of this trainer would make the step fit. `advice` lists the ones of this config that lower the step's
 memory, cheapest in step time first, each as the override to pass, and says which a resume of the last checkpoint
-accepts (docs/checkpoints.md: the offload placement and the layout keys) and which start a new run.
+accepts (docs/checkpoints.md: checkpoint.MEMORY_KEYS and the layout keys) and which start a new run.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def ways_on(cfg: Config) -> list[tuple[str, bool]]:
     for family, name in (("llm", "LLM"), ("vit", "ViT")):
         if not getattr(t.activation_checkpointing, family):
             ways.append((f"train.activation_checkpointing.{family}=true: recompute the {name} blocks' "
-                         "activations in the backward instead of keeping them", False))
+                         "activations in the backward instead of keeping them", True))
     if d.pack_tokens >= 2048:
         ways.append((f"data.pack_tokens={d.pack_tokens // 2} train.micro_batches={2 * t.micro_batches}: half the "
                      "tokens per micro-batch, the same per step", False))
