@@ -97,7 +97,8 @@ def test_memory_settings_may_change_on_resume(tmp_path):
     assert _run(full, demo, "train.steps=4", "train.save_every=2", "train.log_every=1").returncode == 0
     resumed = str(tmp_path / "resumed")
     r = _run(resumed, demo, "train.steps=4", "train.log_every=1", "train.activation_checkpointing.llm=true",
-             "train.activation_checkpointing.vit=true", f"train.resume={os.path.join(full, 'checkpoints', 'step_00000002')}")
+             "train.activation_checkpointing.vit=true",
+             f"train.resume={os.path.join(full, 'checkpoints', 'step_00000002')}")
     assert r.returncode == 0, r.stderr[-4000:]
     assert "activation checkpointing: " in r.stdout + r.stderr  # on in the resumed run
     want, got = losses(full), losses(resumed)

@@ -2,8 +2,8 @@
 
 The allocator's own message (CUDA's or torch_npu's) says how much was asked for and what is reserved, but not which
 settings of this trainer would make the step fit. `advice` lists the ones of this config that lower the step's
-memory, cheapest in step time first, each as the override to pass, and says which a resume of the last checkpoint
-accepts (docs/checkpoints.md: checkpoint.MEMORY_KEYS and the layout keys) and which start a new run.
+memory, about the cheapest in step time first, each as the override to pass, and says which a resume of the last
+checkpoint accepts (docs/checkpoints.md: checkpoint.MEMORY_KEYS and the layout keys) and which start a new run.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 
 def ways_on(cfg: Config) -> list[tuple[str, bool]]:
-    """(override and what it does, whether a resume accepts it) for this config, cheapest in step time first."""
+    """(override and what it does, whether a resume accepts it) for this config, about the cheapest in step time
+    first."""
     b, t, d = cfg.backend, cfg.train, cfg.data
     ways: list[tuple[str, bool]] = []
     if b.name == "gpu":
@@ -58,15 +59,16 @@ def device_peak_gib(device: torch.device) -> float | None:
     return module.max_memory_allocated(device) / 2**30
 
 
-def advice(cfg: Config, step: int, rank: int, last_checkpoint: str | None, device_peak_gib: float | None) -> str:
+def advice(cfg: Config, step: int, rank: int, last_checkpoint: str | None, peak_gib: float | None) -> str:
     """The message of the OutOfDeviceMemoryError for step `step` (1-based) on `rank`."""
-    peak = f" (peak {device_peak_gib:.1f} GiB allocated on this rank)" if device_peak_gib is not None else ""
+    peak = f" (peak {peak_gib:.1f} GiB allocated on this rank)" if peak_gib is not None else ""
     lines = [f"step {step} ran out of device memory on rank {rank}{peak}. Settings that lower the step's memory, "
-             "cheapest in step time first:"]
+             "about the cheapest in step time first:"]
     lines += [f"  - {w}" + ("  [a resume accepts it]" if resumable else "  [a new run]")
               for w, resumable in ways_on(cfg)]
     if last_checkpoint:
-        lines.append(f"To continue this run with a setting marked [a resume accepts it]: train.resume={last_checkpoint}")
+        lines.append(f"To continue this run with a setting marked [a resume accepts it]: "
+                     f"train.resume={last_checkpoint}")
     else:
         lines.append("No checkpoint was written yet: train.save_every keeps the progress of the next run.")
     lines.append("The allocator's own message is in the traceback file.")
