@@ -44,8 +44,8 @@ if part offload_ds; then
   bench 2b_zero2_offload_mb8_deepspeed_step 1 "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2 --offload cpu \
     backend.offload_chunk=0; fi
 # offload_ratio: the offload run with 1 - r of each optimizer partition kept and updated on the device
-# (backend.offload_ratio=r; OFFLOAD_RATIOS, default 0.5 0.25), the speed / device-memory trade-off against the pair above
-if part offload_ratio; then for r in ${OFFLOAD_RATIOS:-0.5 0.25}; do
+# (backend.offload_ratio=r; OFFLOAD_RATIOS, default 0.5 0.3: the figures in BENCHMARKS.md), the speed / device-memory trade-off against the pair above
+if part offload_ratio; then for r in ${OFFLOAD_RATIOS:-0.5 0.3}; do
   bench "2b_zero2_offload_mb8_ratio$r" 1 "${TWO_B[@]}" --micro-batches 8 --steps 6 --warmup 2 --offload cpu \
     "backend.offload_ratio=$r"; done; fi
 if part recipe; then
