@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import socket
 import sys
@@ -154,6 +155,12 @@ def pack(samples, sample_ids=None) -> PackedBatch:
         pixel_values=torch.cat(patches) if patches else None,
         image_grid_hw=torch.tensor(grids, dtype=torch.long) if grids else None,
         sample_ids=list(sample_ids if sample_ids is not None else range(len(samples))))
+
+
+def step_losses(out_dir) -> dict[int, float]:
+    """{step: loss} from a run's <out_dir>/metrics.jsonl (the records that carry a loss)."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -25,7 +25,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import ROOT, child_env, require, require_mcore_checkpoints, torchrun_cmd
+from conftest import ROOT, child_env, require, require_mcore_checkpoints, step_losses, torchrun_cmd
 from data_testutil import tiny_config
 from sail_dist.config import config_to_dict
 from sail_dist.data.demo import ensure_demo
@@ -196,8 +196,7 @@ def _train(nproc: int, out_dir, demo: str, *overrides: str) -> dict[int, float]:
     cmd = torchrun_cmd(nproc, *args) if nproc > 1 else [sys.executable, *args]
     r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
-    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+    return step_losses(out_dir)
 
 
 def _elastic(tmp_path, demo: str, backend: list[str], layouts: dict[str, tuple[int, list[str]]]):

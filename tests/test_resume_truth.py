@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, child_env
+from conftest import ROOT, child_env, step_losses
 from sail_dist.config import ConfigError, load_config
 
 DEMO = os.path.join(ROOT, "configs", "demo", "demo.yaml")
@@ -88,11 +88,6 @@ def test_memory_settings_may_change_on_resume(tmp_path):
     out-of-memory message marks it so) and continues the uninterrupted run's losses."""
     pytest.importorskip("deepspeed")
     demo = str(tmp_path / "demo")
-
-    def losses(out: str) -> dict[int, float]:
-        rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-        return {row["step"]: row["loss"] for row in rows if "loss" in row}
-
     full = str(tmp_path / "full")
     assert _run(full, demo, "train.steps=4", "train.save_every=2", "train.log_every=1").returncode == 0
     resumed = str(tmp_path / "resumed")
@@ -101,7 +96,7 @@ def test_memory_settings_may_change_on_resume(tmp_path):
              f"train.resume={os.path.join(full, 'checkpoints', 'step_00000002')}")
     assert r.returncode == 0, r.stderr[-4000:]
     assert "activation checkpointing: " in r.stdout + r.stderr  # on in the resumed run
-    want, got = losses(full), losses(resumed)
+    want, got = step_losses(full), step_losses(resumed)
     assert sorted(got) == [3, 4]
     for step, loss in got.items():
         assert abs(loss - want[step]) <= 1e-6 * abs(want[step]), (step, loss, want[step])

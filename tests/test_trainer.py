@@ -2,7 +2,6 @@
 and clear messages for a corrupt checkpoint, a bad config and a non-finite loss."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, child_env, require, torchrun_cmd
+from conftest import ROOT, child_env, require, step_losses, torchrun_cmd
 from sail_dist.config import load_config
 
 DEMO = os.path.join(ROOT, "configs", "demo", "demo.yaml")
@@ -28,11 +27,6 @@ def _cmd(nproc: int, out_dir: str, demo_dir: str, *overrides: str) -> list[str]:
             f"train.out_dir={out_dir}", f"data.demo_dir={demo_dir}", "train.eval_samples=0", "train.log_every=1",
             "data.pack_tokens=512", "data.num_workers=1", "train.micro_batches=2", "train.lr_schedule=cosine",
             "train.warmup_steps=2", *overrides)
-
-
-def _losses(out_dir: str) -> dict[int, float]:
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -60,7 +54,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, demo_dir):
     full = str(tmp_path / "full")
     r = _run(_cmd(2, full, demo_dir, *steps))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    ref = _losses(full)
+    ref = step_losses(full)
     assert sorted(ref) == list(range(1, 9))
 
     # The same run, killed (SIGKILL, no cleanup) as soon as its first checkpoint exists.
@@ -83,7 +77,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, demo_dir):
     r = _run(_cmd(2, part, demo_dir, *steps))  # resume=auto picks the latest complete checkpoint
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert f"at step {k}" in r.stdout, r.stdout[-3000:]
-    resumed = _losses(part)
+    resumed = step_losses(part)
     for step in range(k + 1, 9):
         assert resumed[step] == ref[step], (step, resumed[step], ref[step])
 

@@ -130,13 +130,19 @@ def save_checkpoint(cfg: Config, engine, step: int, rank: int, world_size: int, 
     return final
 
 
+def may_change_on_resume(key: str, elastic: bool = False) -> bool:
+    """Whether a resume accepts another value of the dotted config `key`: RUN_CONTROL_KEYS, MEMORY_KEYS and the
+    layout keys (`parallel.*`); with `elastic` (the DP size changes) also ELASTIC_KEYS."""
+    return (key in RUN_CONTROL_KEYS or key in MEMORY_KEYS or key.startswith(LAYOUT_PREFIXES)
+            or (elastic and key in ELASTIC_KEYS))
+
+
 def config_differences(saved: dict, cfg: Config, elastic: bool = False) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, new value) for every dotted key outside RUN_CONTROL_KEYS, MEMORY_KEYS and the layout
-    keys (`parallel.*`) whose value changed; `elastic` (the DP size changed) also lets ELASTIC_KEYS change."""
+    """(key, saved value, new value) for every dotted key whose value changed and that a resume does not accept
+    changed (`may_change_on_resume`)."""
     old, new = flatten_dict(saved), flatten_dict(config_to_dict(cfg))
-    free = RUN_CONTROL_KEYS | MEMORY_KEYS | (ELASTIC_KEYS if elastic else frozenset())
     return [(k, old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))
-            if k not in free and not k.startswith(LAYOUT_PREFIXES) and old.get(k, "<absent>") != new.get(k, "<absent>")]
+            if old.get(k, "<absent>") != new.get(k, "<absent>") and not may_change_on_resume(k, elastic)]
 
 
 def saved_dp_size(meta: dict) -> int:

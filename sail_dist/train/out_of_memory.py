@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from sail_dist.config import Config
+from sail_dist.train.checkpoint import may_change_on_resume
 
 
 class OutOfDeviceMemoryError(RuntimeError):
@@ -26,29 +27,34 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 def ways_on(cfg: Config) -> list[tuple[str, bool]]:
     """(override and what it does, whether a resume accepts it) for this config, about the cheapest in step time
-    first."""
+    first. Whether a resume accepts it is checkpoint.py's rule (`may_change_on_resume`) over the keys it changes."""
     b, t, d = cfg.backend, cfg.train, cfg.data
-    ways: list[tuple[str, bool]] = []
+    ways: list[tuple[str, tuple[str, ...], bool]] = []  # (text, the keys it changes, with another DP size)
     if b.name == "gpu":
         if b.offload_optimizer == "none":
             ways.append(("backend.offload_optimizer=cpu backend.torch_adam=false backend.offload_ratio=0.3: 30 % of "
                          "the optimizer's fp32 state (12 bytes per parameter / DP ranks) on the host; raise the ratio "
-                         "up to 1 for more (docs/gpu.md, partial offload)", False))
+                         "up to 1 for more (docs/gpu.md, partial offload)",
+                         ("backend.offload_optimizer", "backend.torch_adam", "backend.offload_ratio"), False))
         elif b.offload_ratio < 1:
             ways.append((f"backend.offload_ratio={min(1.0, round(b.offload_ratio + 0.3, 2)):g} (now "
-                         f"{b.offload_ratio:g}): more of the optimizer state on the host", True))
+                         f"{b.offload_ratio:g}): more of the optimizer state on the host", ("backend.offload_ratio",),
+                         False))
     if b.name == "npu":
-        ways.append((f"parallel.pp={2 * cfg.parallel.pp}: the LLM's layers over twice the pipeline stages", True))
+        ways.append((f"parallel.pp={2 * cfg.parallel.pp}: the LLM's layers over twice the pipeline stages",
+                     ("parallel.pp",), False))
     for family, name in (("llm", "LLM"), ("vit", "ViT")):
         if not getattr(t.activation_checkpointing, family):
             ways.append((f"train.activation_checkpointing.{family}=true: recompute the {name} blocks' "
-                         "activations in the backward instead of keeping them", True))
+                         "activations in the backward instead of keeping them",
+                         (f"train.activation_checkpointing.{family}",), False))
     if d.pack_tokens >= 2048:
         ways.append((f"data.pack_tokens={d.pack_tokens // 2} train.micro_batches={2 * t.micro_batches}: half the "
-                     "tokens per micro-batch, the same per step", False))
+                     "tokens per micro-batch, the same per step", ("data.pack_tokens", "train.micro_batches"), False))
     ways.append(("more data-parallel ranks, with train.micro_batches lowered to keep DP x micro-batches: the "
-                 "optimizer state and gradients are partitioned over them (elastic resume)", True))
-    return ways
+                 "optimizer state and gradients are partitioned over them (elastic resume)", ("train.micro_batches",),
+                 True))
+    return [(text, all(may_change_on_resume(k, elastic) for k in keys)) for text, keys, elastic in ways]
 
 
 def device_peak_gib(device: torch.device) -> float | None:

@@ -20,10 +20,10 @@ import torch
 from sail_dist.backends.base import get_backend
 from sail_dist.config import Config, dump_config
 from sail_dist.data.loader import build_loader
+from sail_dist.train import out_of_memory
 from sail_dist.train.batch_plan import resolve_batch
 from sail_dist.train.checkpoint import (check_resume_config, load_checkpoint, resolve_resume, save_checkpoint,
                                        saved_dp_size)
-from sail_dist.train import out_of_memory
 from sail_dist.train.adalrs import AdaLRS
 from sail_dist.train.lr import lr_at
 from sail_dist.train.metrics import Metrics
