@@ -110,10 +110,21 @@ def _bf16_worker() -> None:
 
         overrides.remove("--deepspeed-reduction")
         zero_step.install_reduction = lambda zero_optimizer: ""
+        zero_step.install_epilogue = lambda zero_optimizer: False
     cfg = load_config(config, ["data.demo=true", *overrides])
     backend = get_backend(cfg.backend.name)
     env = backend.setup(cfg)
     engine = backend.build(cfg, env)
+    from deepspeed.accelerator import get_accelerator
+
+    acc, host_waits = get_accelerator(), [0]
+    device_sync = acc.synchronize
+
+    def counted_sync(*args, **kwargs):  # DeepSpeed's device-wide host waits during the steps
+        host_waits[0] += 1
+        return device_sync(*args, **kwargs)
+
+    acc.synchronize = counted_sync
 
     def master() -> dict[str, torch.Tensor]:  # collective
         offload_step.state_to_host(engine.ds.optimizer)  # (offload_ratio < 1: the device shares)
@@ -127,6 +138,8 @@ def _bf16_worker() -> None:
             masters.append(master())
     if env.rank == 0:
         torch.save({"steps": steps, "master_step0": masters[0], "master": masters[-1], "reduction": engine.reduction,
+                    "stream_wait_epilogue": engine.stream_wait_epilogue, "host_waits": host_waits[0],
+                    "device": env.device.type,
                     "dtypes": {n: str(p.dtype) for n, p in engine.model.named_parameters()}}, out_path)
     backend.teardown()
 
@@ -265,13 +278,20 @@ def test_bf16_reduction_path_equals_deepspeeds_bitwise(tmp_path, nproc):
     `install_reduction`: each bucket's span all-reduced in place instead of a flattened copy, the cast inside the
     add; at one rank no collective or division) makes the same fp32 sums as DeepSpeed's own path, so the same run
     bit for bit, at one rank and at two. Many buckets, micro-batches without images; on CUDA (the GPU test run,
-    one rank) with overlap_comm, the adds on DeepSpeed's reduction stream."""
+    one rank) with overlap_comm, the adds on DeepSpeed's reduction stream, and each backward ending on a stream
+    wait instead of DeepSpeed's host wait (`install_epilogue`): one device-wide synchronize fewer per micro-batch,
+    the same bits."""
     require("deepspeed")
     args = [TINY, *COMMON, "train.precision=bf16", "backend.grad_accum_dtype=fp32", "train.micro_batches=4",
             "backend.reduce_bucket_size=4096"]
     ours = _run_worker("_bf16_worker", tmp_path / "ours", args, nproc=nproc)
     theirs = _run_worker("_bf16_worker", tmp_path / "deepspeed", [*args, "--deepspeed-reduction"], nproc=nproc)
     assert ours["reduction"] == ("in_place+one_rank" if nproc == 1 else "in_place") and theirs["reduction"] == ""
+    cuda = ours["device"] == "cuda"  # (a CPU run has no reduction stream and no host wait to remove)
+    assert ours["stream_wait_epilogue"] == cuda and not theirs["stream_wait_epilogue"]
+    micro_batches = 4 * len(ours["steps"])
+    assert ours["host_waits"] == theirs["host_waits"] - (micro_batches if cuda else 0), (ours["host_waits"],
+                                                                                         theirs["host_waits"])
     assert ours["steps"] == theirs["steps"] and not any(s["skipped"] for s in ours["steps"])
     for key in ("master_step0", "master"):
         assert sorted(ours[key]) == sorted(theirs[key])

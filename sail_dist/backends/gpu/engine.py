@@ -95,10 +95,11 @@ class DeepSpeedEngine(LayerGradRecorder):
                    if zero12 else "")
         batched = zero12 and zero_step.install(self.ds.optimizer)  # (wraps whichever step is installed)
         self.reduction = zero_step.install_reduction(self.ds.optimizer) if zero12 else ""
+        self.stream_wait_epilogue = zero12 and zero_step.install_epilogue(self.ds.optimizer)
         log.info("GPU backend: ZeRO-%d, %s, opset=%s, offload=%s%s, trainable=%s, batched norm/overflow check=%s, "
-                 "fp32 accumulation path=%s", cfg.backend.zero_stage, self.dtype, self.ops.name,
-                 cfg.backend.offload_optimizer, f" ({offload})" if offload else "", self.trainable, batched,
-                 self.reduction or "DeepSpeed's")
+                 "fp32 accumulation path=%s, backward ends on a %s wait", cfg.backend.zero_stage, self.dtype,
+                 self.ops.name, cfg.backend.offload_optimizer, f" ({offload})" if offload else "", self.trainable,
+                 batched, self.reduction or "DeepSpeed's", "stream" if self.stream_wait_epilogue else "host")
 
     def _ds_config(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
@@ -143,17 +144,20 @@ class DeepSpeedEngine(LayerGradRecorder):
         # [objective, aux loss / M, objective metrics...]: shares summed here and over DP below
         sums = torch.zeros(2 + len(obj.metrics), dtype=torch.float64, device=self.env.device)
         counts, flops, tokens, samples = None, 0.0, 0, 0
-        def to_device(mb: PackedBatch) -> PackedBatch:  # pinned: the copy neither blocks nor waits for the queue
-            return mb.pin_memory().to(self.env.device) if cuda else mb.to(self.env.device)
+        # Pinned, the copy neither blocks the host nor waits for the device's queue to drain. The next micro-batch is
+        # pinned (host work) while the device runs this forward, and its copy is queued behind this backward.
+        def pinned(mb: PackedBatch) -> PackedBatch:
+            return mb.pin_memory() if cuda else mb
 
-        nxt = to_device(micro_batches[0])
+        nxt = pinned(micro_batches[0]).to(self.env.device)
         for i, mb in enumerate(micro_batches):
             batch = nxt
             out = self.ds(batch)
             share = obj.loss(out, batch)
+            host_next = pinned(micro_batches[i + 1]) if i + 1 < M else None
             self.ds.backward(share.loss * scale)
-            if i + 1 < M:  # the next one pinned and queued while the device still runs this backward
-                nxt = to_device(micro_batches[i + 1])
+            if host_next is not None:
+                nxt = host_next.to(self.env.device)
             if self.track_layer_grads and i == len(micro_batches) - 1:
                 self.last_layer_grads = self._layer_grads()  # reduced, before clipping and the step
             if self.clear_bf16_grads:

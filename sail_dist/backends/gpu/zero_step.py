@@ -29,6 +29,14 @@ engine's part of the step was ~40 % beside the model's own work (BENCHMARKS.md).
 - the add into the fp32 partition reads the bf16 gradient directly (the cast happens in the add: the same fp32
   sums, bitwise);
 - over a data-parallel group of one rank the reduction is the identity and the division is by 1: neither runs.
+
+`install_epilogue` removes a host wait from every micro-batch. With `overlap_comm`, DeepSpeed ends each backward
+(`independent_gradient_partition_epilogue`) with a device-wide `synchronize()` before it drops the bucket
+gradients. The host then stands still until the device has run the whole backward, so the next micro-batch's
+batch copy and first forward kernels start from an empty queue. A stream wait gives the same ordering on the
+device: the compute stream waits for the reduction stream. The freed buffers are safe because every buffer that
+the reduction stream reads is `record_stream`-ed to it (DeepSpeed's path and `_allreduce_and_add` alike), so the
+caching allocator holds it until that stream is done.
 """
 from __future__ import annotations
 
@@ -178,3 +186,40 @@ def install_reduction(zero_optimizer) -> str:
         return "in_place"
     zero_optimizer.gradient_average = False  # (one rank: average_tensor's division of every bucket by 1)
     return "in_place+one_rank"
+
+
+def _epilogue_with_stream_wait(self):
+    """DeepSpeed's `independent_gradient_partition_epilogue` with its device-wide synchronize replaced by the
+    compute stream waiting on the reduction stream (module docstring)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    reduction = self.reduction_stream
+    shadowed = "synchronize" in vars(acc)
+    saved = acc.synchronize
+    acc.synchronize = lambda device_index=None: acc.current_stream().wait_stream(reduction)
+    try:
+        return type(self).independent_gradient_partition_epilogue(self)
+    finally:
+        if shadowed:
+            acc.synchronize = saved
+        else:
+            del acc.synchronize
+
+
+def install_epilogue(zero_optimizer) -> bool:
+    """Patch the end of DeepSpeed's ZeRO-1/2 backward to wait on the device instead of the host (module docstring).
+    Only with `overlap_comm` on a device with a reduction stream and without CPU offload (whose gradient copies to
+    the host need the host wait). Returns whether it was installed."""
+    from deepspeed.accelerator import get_accelerator
+
+    needed = ("independent_gradient_partition_epilogue", "reduction_stream", "overlap_comm", "cpu_offload")
+    if any(not hasattr(zero_optimizer, n) for n in needed):
+        log.info("ZeRO epilogue: DeepSpeed's optimizer lacks one of %s; keeping its host wait", needed)
+        return False
+    if (not zero_optimizer.overlap_comm or zero_optimizer.cpu_offload or zero_optimizer.reduction_stream is None
+            or get_accelerator().resolves_data_dependency()):
+        return False
+    zero_optimizer.independent_gradient_partition_epilogue = types.MethodType(_epilogue_with_stream_wait,
+                                                                             zero_optimizer)
+    return True
