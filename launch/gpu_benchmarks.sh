@@ -12,7 +12,8 @@
 # recipe = the offload pair at 16 micro-batches, profile /
 # a3b_profile = profiled 2B / reduced-A3B steps with the idle time's sources, eager_torch = the 2b run with
 # backend.kernels.elementwise=false, coldstart = the compiled first step on an empty and then a warm compile cache,
-# parts = one micro-batch's forward + backward by part, bench.model_parts, for the 2B and the reduced A3B shapes);
+# parts = one micro-batch's forward + backward by part, bench.model_parts, for the 2B and the reduced A3B shapes,
+# host_wait = the 2b and a3b runs with every other step on DeepSpeed's own end of backward, --ab-host-wait);
 # BENCH_EXTRA is appended to every run (e.g. BENCH_EXTRA=train.compile=true).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -61,6 +62,9 @@ A3B=(--model configs/model/sailvl2_a3b.yaml --llm-layers 4 --seq 8192 --sample-l
      --warmup 2 --micro-batches 2 model.vit.num_layers=2)
 if part a3b; then
   for impl in loop grouped_mm triton; do bench "a3b4_$impl" 1 "${A3B[@]}" "backend.moe_impl=$impl"; done; fi
+if part host_wait; then
+  bench 2b_zero2_ab_host_wait 1 "${TWO_B[@]}" --micro-batches 4 --ab-host-wait
+  bench a3b4_triton_ab_host_wait 1 "${A3B[@]}" --steps 8 backend.moe_impl=triton --ab-host-wait; fi
 if part coldstart; then
   # the first step of train.compile=true on an empty compile cache, then again on the cache the first run filled
   rm -rf "$OUT_DIR/compile_cache"

@@ -163,6 +163,21 @@ def step_losses(out_dir) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
+def kill_tree(proc) -> None:
+    """SIGKILL a launched run (a subprocess.Popen) and all its children: torchrun's workers each sit in a session of
+    their own, so killing the launcher alone would leave them training."""
+    import signal
+
+    import psutil
+
+    procs = [psutil.Process(proc.pid)]
+    procs += procs[0].children(recursive=True)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=30)
+    proc.wait()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the largest deviation relative to the reference's scale."""
     a, b = a.detach().double(), b.detach().double()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import time
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, child_env, require, require_mcore_checkpoints, torchrun_cmd
+from conftest import ROOT, child_env, kill_tree, require, require_mcore_checkpoints, torchrun_cmd
 from sail_dist.backends import snapshot as snap
 from sail_dist.config import AdaLRSConfig, ConfigError, TrainConfig, load_config
 from sail_dist.train.adalrs import AdaLRS, loss_slope
@@ -357,18 +356,6 @@ def _trainer_cmd(out_dir: str, demo_dir: str, *extra: str) -> list[str]:
                         "train.lr_schedule=constant", "train.adalrs.enabled=true", "train.adalrs.window=3", *extra)
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the run and its children (as tests/test_trainer.py does)."""
-    import psutil
-
-    procs = [psutil.Process(proc.pid)]
-    procs += procs[0].children(recursive=True)
-    for p in procs:
-        p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(procs, timeout=30)
-    proc.wait()
-
-
 def _losses(out_dir: str) -> dict[int, float]:
     rows = [json.loads(x) for x in open(os.path.join(out_dir, "metrics.jsonl"))]
     return {r["step"]: (r["loss"], r["lr"]) for r in rows if "loss" in r}
@@ -394,7 +381,7 @@ def test_kill_during_a_trial_and_resume_reproduces_the_run(tmp_path):
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and not os.path.exists(marker):
         time.sleep(0.02)
-    _kill_tree(proc)
+    kill_tree(proc)
     done = sorted(n for n in os.listdir(os.path.join(part, "checkpoints")) if not n.endswith(".tmp"))
     assert "step_00000010" in done, done
     if done[-1] != "step_00000010":

@@ -359,3 +359,50 @@ def test_more_ranks_than_devices_is_a_clear_error():
     check_local_device(1, 2, "CUDA")  # fits
     with pytest.raises(RuntimeError, match=r"LOCAL_RANK=1 .* 1 visible CUDA device.*nproc_per_node"):
         check_local_device(1, 1, "CUDA")
+
+
+def test_epilogue_waits_on_the_reduction_stream_instead_of_the_host(monkeypatch):
+    """zero_step.install_epilogue on a stand-in of DeepSpeed's ZeRO optimizer (this machine's accelerator has no
+    streams; the real one on CUDA is in test_bf16_reduction_path_equals_deepspeeds_bitwise): inside the epilogue
+    DeepSpeed's `synchronize()` becomes the compute stream waiting on the reduction stream, outside it the
+    accelerator's own `synchronize` is back; nothing is installed with CPU offload or without overlap_comm."""
+    require("deepspeed")
+    from deepspeed.accelerator import get_accelerator
+
+    from sail_dist.backends.gpu import zero_step
+
+    acc, calls = get_accelerator(), []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            calls.append(f"{self.name} waits on {other.name}")
+
+    compute = Stream("compute")
+    monkeypatch.setattr(type(acc), "resolves_data_dependency", lambda self: False)
+    monkeypatch.setattr(type(acc), "current_stream", lambda self, device_index=None: compute)
+    monkeypatch.setattr(type(acc), "synchronize", lambda self, device_index=None: calls.append("host waits"))
+
+    class Zero:  # DeepSpeed 0.19's epilogue, reduced to its synchronize
+        overlap_comm, cpu_offload, reduction_stream = True, False, Stream("reduction")
+
+        def independent_gradient_partition_epilogue(self):
+            calls.append("reduce last bucket")
+            get_accelerator().synchronize()
+            calls.append("release buckets")
+            return "done"
+
+    zero = Zero()
+    assert zero_step.install_epilogue(zero)
+    assert zero.independent_gradient_partition_epilogue() == "done"
+    assert calls == ["reduce last bucket", "compute waits on reduction", "release buckets"]
+    calls.clear()
+    acc.synchronize()
+    assert calls == ["host waits"] and "synchronize" not in vars(acc)
+    for attr, value in (("cpu_offload", True), ("overlap_comm", False), ("reduction_stream", None)):
+        other = Zero()
+        setattr(other, attr, value)
+        assert not zero_step.install_epilogue(other), attr
+        assert "independent_gradient_partition_epilogue" not in vars(other)

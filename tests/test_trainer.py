@@ -3,14 +3,13 @@ and clear messages for a corrupt checkpoint, a bad config and a non-finite loss.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import ROOT, child_env, require, step_losses, torchrun_cmd
+from conftest import ROOT, child_env, kill_tree, require, step_losses, torchrun_cmd
 from sail_dist.config import load_config
 
 DEMO = os.path.join(ROOT, "configs", "demo", "demo.yaml")
@@ -27,18 +26,6 @@ def _cmd(nproc: int, out_dir: str, demo_dir: str, *overrides: str) -> list[str]:
             f"train.out_dir={out_dir}", f"data.demo_dir={demo_dir}", "train.eval_samples=0", "train.log_every=1",
             "data.pack_tokens=512", "data.num_workers=1", "train.micro_batches=2", "train.lr_schedule=cosine",
             "train.warmup_steps=2", *overrides)
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun and its workers (torch elastic puts each worker in a session of its own)."""
-    import psutil
-
-    procs = [psutil.Process(proc.pid)]
-    procs += procs[0].children(recursive=True)
-    for p in procs:
-        p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(procs, timeout=30)
-    proc.wait()
 
 
 def _run(cmd, timeout=600) -> subprocess.CompletedProcess:
@@ -67,7 +54,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, demo_dir):
         if os.path.isdir(ckpts) and any(n.startswith("step_") and not n.endswith(".tmp") for n in os.listdir(ckpts)):
             break
         time.sleep(0.05)
-    _kill_tree(proc)
+    kill_tree(proc)
     done = sorted(n for n in os.listdir(ckpts) if not n.endswith(".tmp"))
     assert done, "the killed run wrote no complete checkpoint"
     k = int(done[-1].split("_")[1])

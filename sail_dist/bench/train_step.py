@@ -250,8 +250,13 @@ def main(argv: list[str] | None = None) -> dict:
                    "top kernels by device time")
     p.add_argument("--trace", default="", help="with --profile: where to write the profiled step's Chrome trace "
                    "(gzipped when the name ends in .gz; default a temporary file)")
+    p.add_argument("--ab-host-wait", action="store_true", help="GPU backend: every other step with DeepSpeed's own "
+                   "end of backward (a device-wide synchronize per micro-batch) instead of the stream wait "
+                   "(backends/gpu/zero_step.py install_epilogue); both step times reported, paired in one run")
     p.add_argument("overrides", nargs="*")
     a = p.parse_intermixed_args(argv)
+    if a.ab_host_wait and a.steps - a.warmup < 2:
+        p.error("--ab-host-wait needs two timed steps or more (--steps minus --warmup), one of each kind")
     # the engine's and the compile workers' log lines (stderr; stdout ends with the JSON line)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     over = [*shape_overrides(a), f"train.steps={a.steps}", f"train.micro_batches={a.micro_batches}", "train.lr=1e-5",
@@ -266,7 +271,18 @@ def main(argv: list[str] | None = None) -> dict:
     times, losses, norms = [], [], []
     flops_step = 0.0
     profile_split = profile_idle = None
+    ab = a.ab_host_wait and bool(getattr(engine, "stream_wait_epilogue", False))
+    if a.ab_host_wait and not ab and env.is_main:
+        print("--ab-host-wait: this engine keeps DeepSpeed's host wait (CPU, offload or another backend): no pair")
     for step in range(a.steps):
+        if ab:  # odd steps: DeepSpeed's own epilogue (the class's method), even steps: the installed stream wait
+            from sail_dist.backends.gpu import zero_step
+
+            zero = engine.ds.optimizer
+            if step % 2:
+                vars(zero).pop("independent_gradient_partition_epilogue", None)
+            else:
+                zero_step.install_epilogue(zero)
         mbs = [micro_batch(cfg, a.seq, a.sample_len, a.tiles_per_sample, seed=(step * env.dp_size + env.dp_rank) * 97 + m)
                for m in range(a.micro_batches)]
         flops_step = sum(batch_flops(cfg.model, b, cfg.train.train_modules).train for b in mbs)
@@ -300,6 +316,12 @@ def main(argv: list[str] | None = None) -> dict:
         losses.append(stats.loss)
         norms.append(stats.grad_norm)
     dt = statistics.median(times[a.warmup:]) if len(times) > a.warmup else times[-1]
+    pair = None
+    if ab:
+        timed = list(enumerate(times))[a.warmup:]
+        dt = statistics.median(t for i, t in timed if i % 2 == 0)  # the shipped path
+        host_s = statistics.median(t for i, t in timed if i % 2)
+        pair = {"stream_wait_s": dt, "host_wait_s": host_s, "host_wait_over_stream_wait": host_s / dt}
     tokens_dev = a.seq * a.micro_batches / dt
     peak = peak_flops(env.device_name)
     mfu = flops_step / dt / peak if peak else float("nan")
@@ -314,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
            "loss_first": losses[0], "loss_last": losses[-1],
            "losses": [round(x, 6) for x in losses], "grad_norms": [round(x, 6) for x in norms], "step_times": [round(x, 4) for x in times],
            "build_s": build_s, "first_step_s": times[0], **({"profile_split_ms": profile_split} if profile_split else {}),
-           **({"profile_idle": profile_idle} if profile_idle else {})}
+           **({"profile_idle": profile_idle} if profile_idle else {}), **({"ab_host_wait": pair} if pair else {})}
     if cfg.train.compile:
         from torch._dynamo.utils import compile_times, counters
 
@@ -330,6 +352,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{'label':<32}{'GPUs':>5}{'step s':>9}{'tok/s/dev':>11}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}")
         print(f"{res['label']:<32}{env.world_size:>5}{dt:>9.3f}{tokens_dev:>11.0f}{res['tflops_per_device']:>9.1f}"
               f"{100 * mfu:>6.1f}%{mem:>9.1f}")
+        if pair:
+            print(f"{'  the same, DeepSpeed host wait':<32}{'':>5}{pair['host_wait_s']:>9.3f}   "
+                  f"({pair['host_wait_over_stream_wait']:.3f}x the stream-wait step, odd steps of this run)")
         print(json.dumps(res))
     backend.teardown()
     return res

@@ -64,7 +64,7 @@ class Judge(Protocol):
 
 def judge_text(req: JudgeRequest) -> str:
     """The user message a judge gets (without the pictures)."""
-    ref = f" (a reference answer is given)" if req.reference else ""
+    ref = " (a reference answer is given)" if req.reference else ""
     parts = [JUDGE_INSTRUCTIONS.format(ref_clause=ref), f"Question: {req.question}"]
     if req.reference:
         parts.append(f"Reference answer: {req.reference}")
