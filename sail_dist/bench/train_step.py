@@ -274,15 +274,11 @@ def main(argv: list[str] | None = None) -> dict:
     ab = a.ab_host_wait and bool(getattr(engine, "stream_wait_epilogue", False))
     if a.ab_host_wait and not ab and env.is_main:
         print("--ab-host-wait: this engine keeps DeepSpeed's host wait (CPU, offload or another backend): no pair")
+    if ab:
+        from sail_dist.backends.gpu import zero_step
     for step in range(a.steps):
-        if ab:  # odd steps: DeepSpeed's own epilogue (the class's method), even steps: the installed stream wait
-            from sail_dist.backends.gpu import zero_step
-
-            zero = engine.ds.optimizer
-            if step % 2:
-                vars(zero).pop("independent_gradient_partition_epilogue", None)
-            else:
-                zero_step.install_epilogue(zero)
+        if ab:  # odd steps: DeepSpeed's own end of backward, even steps: the installed stream wait
+            (zero_step.remove_epilogue if step % 2 else zero_step.install_epilogue)(engine.ds.optimizer)
         mbs = [micro_batch(cfg, a.seq, a.sample_len, a.tiles_per_sample, seed=(step * env.dp_size + env.dp_rank) * 97 + m)
                for m in range(a.micro_batches)]
         flops_step = sum(batch_flops(cfg.model, b, cfg.train.train_modules).train for b in mbs)

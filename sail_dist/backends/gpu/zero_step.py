@@ -223,3 +223,8 @@ def install_epilogue(zero_optimizer) -> bool:
     zero_optimizer.independent_gradient_partition_epilogue = types.MethodType(_epilogue_with_stream_wait,
                                                                              zero_optimizer)
     return True
+
+
+def remove_epilogue(zero_optimizer) -> None:
+    """Undo `install_epilogue`: DeepSpeed's own end of backward, host wait included (the benchmark's anchor)."""
+    vars(zero_optimizer).pop("independent_gradient_partition_epilogue", None)
